@@ -1,0 +1,473 @@
+"""The worker agent: ``python -m skyward.agent``.
+
+It reads frames on stdin and writes frames on stdout, and nothing else ever goes
+to stdout (``print`` in a task goes to stderr, which providers forward to the
+client). It exits as soon as stdin closes, so a client that dies never leaves an
+agent behind.
+
+With ``executor="thread"`` tasks run on a thread pool of ``concurrency``
+threads. With ``executor="process"`` each slot is a child agent (this same
+module with ``--child``) driven over pipes with the same frames; the parent
+never unpickles the task, it routes bytes, ships blobs to the child that needs
+them, and replaces a child that dies or whose task is cancelled.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import OrderedDict, deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import IO, Any
+
+from skyward import wire
+from skyward.wire import Kind, Status
+
+DEFAULT_CACHE_BYTES = 4 * 1024**3
+
+Task = tuple[int, tuple[str, ...], bytes]
+
+
+def _log(message: str) -> None:
+    sys.stderr.write(f"skyward-agent[{os.getpid()}]: {message}\n")
+    sys.stderr.flush()
+
+
+class BlobCache:
+    """Blobs by key, least recently used evicted beyond ``capacity`` bytes.
+
+    Thread mode keeps the unpickled object (arrays made read-only, as loky's
+    memmaps are); process mode keeps the raw bytes to forward to child slots.
+    """
+
+    def __init__(self, capacity: int, keep_bytes: bool) -> None:
+        self.capacity = capacity
+        self.keep_bytes = keep_bytes
+        self._entries: OrderedDict[str, tuple[int, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.size = 0
+        self.hits = 0
+        self.misses = 0
+        self.received = 0
+
+    def put(self, key: str, data: bytes) -> None:
+        value: Any = data
+        if not self.keep_bytes:
+            value = pickle.loads(data)
+            if type(value).__name__ == "ndarray" and hasattr(value, "setflags"):
+                value.setflags(write=False)
+        with self._lock:
+            self.received += 1
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self.size -= old[0]
+            self._entries[key] = (len(data), value)
+            self.size += len(data)
+            while self.size > self.capacity and len(self._entries) > 1:
+                _, (size, _) = self._entries.popitem(last=False)
+                self.size -= size
+
+    def lookup(self, keys: tuple[str, ...]) -> tuple[dict[str, Any], list[str]]:
+        """Return the held values for ``keys`` and the keys that are missing."""
+        found: dict[str, Any] = {}
+        missing: list[str] = []
+        with self._lock:
+            for key in keys:
+                entry = self._entries.get(key)
+                if entry is None:
+                    missing.append(key)
+                    self.misses += 1
+                else:
+                    self._entries.move_to_end(key)
+                    found[key] = entry[1]
+                    self.hits += 1
+        return found, missing
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "cache_hits": self.hits,
+            "cache_misses": self.misses,
+            "cache_bytes": self.size,
+            "blobs_received": self.received,
+        }
+
+
+class Agent:
+    """Reads frames, runs tasks, writes results."""
+
+    def __init__(self, reader: IO[bytes], writer: IO[bytes], child: bool) -> None:
+        self.reader = reader
+        self.child = child
+        self.outbox = wire.Outbox(writer, self.exit)
+        self.lock = threading.Lock()
+        self.cancelled: set[int] = set()
+        self.parked: dict[int, tuple[Task, set[str]]] = {}
+        self.requested: set[str] = set()
+        self.last_heard = time.monotonic()
+        self.tasks_done = 0
+        self.config: dict[str, Any] = {}
+        self.cache = BlobCache(DEFAULT_CACHE_BYTES, keep_bytes=False)
+        self.slots: ProcessSlots | None = None
+        self.pool: ThreadPoolExecutor | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def exit(self, code: int = 0) -> None:
+        if self.slots is not None:
+            self.slots.kill_all()
+        os._exit(code)
+
+    def handshake(self) -> None:
+        frame = wire.read_frame(self.reader)
+        if frame is None:
+            self.exit(0)
+        assert frame is not None
+        kind, body, _ = frame
+        if kind != Kind.HELLO:
+            raise wire.ProtocolError(f"expected HELLO from the client, got {kind.name}")
+        self.config = pickle.loads(body)
+        os.environ.update(self.config.get("env", {}))
+        concurrency = int(self.config.get("concurrency", 1))
+        process = self.config.get("executor") == "process"
+        capacity = int(self.config.get("blob_cache_bytes", DEFAULT_CACHE_BYTES))
+        self.cache = BlobCache(capacity, keep_bytes=process)
+        if process:
+            self.slots = ProcessSlots(self, concurrency)
+        else:
+            self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="skyward-task")
+        info = wire.versions()
+        info.update(pid=os.getpid(), hostname=socket.gethostname(), executable=sys.executable)
+        self.outbox.put(wire.encode_obj(Kind.HELLO, info))
+        idle = float(self.config.get("idle_timeout", 0))
+        if idle > 0 and not self.child:
+            threading.Thread(
+                target=self._watch_client, args=(idle,), name="skyward-idle", daemon=True
+            ).start()
+
+    def _watch_client(self, idle_timeout: float) -> None:
+        """Exit when the client has been silent too long (a partition never closes stdin)."""
+        while True:
+            time.sleep(min(1.0, idle_timeout / 4))
+            if time.monotonic() - self.last_heard > idle_timeout:
+                _log(f"no word from the client for {idle_timeout:.0f}s; exiting")
+                self.exit(3)
+
+    def heartbeat(self) -> None:
+        """Answer the client's heartbeat with this agent's counters."""
+        stats = self.cache.stats()
+        stats["tasks_done"] = self.tasks_done
+        self.outbox.put(wire.encode_obj(Kind.HEARTBEAT, stats))
+
+    def serve(self) -> None:
+        self.handshake()
+        while True:
+            frame = wire.read_frame(self.reader)
+            self.last_heard = time.monotonic()
+            if frame is None:
+                self.exit(0)
+            assert frame is not None
+            kind, body, _ = frame
+            if kind == Kind.TASK:
+                for task in pickle.loads(body):
+                    self.accept(task)
+            elif kind == Kind.BLOB:
+                key, data = pickle.loads(body)
+                self.cache.put(key, data)
+                self.unpark(key)
+                if self.slots is not None:
+                    self.slots.blob_arrived(key)
+            elif kind == Kind.CANCEL:
+                for task_id in pickle.loads(body):
+                    self.cancel(task_id)
+            elif kind == Kind.HEARTBEAT:
+                self.heartbeat()
+            elif kind == Kind.BYE:
+                self.exit(0)
+
+    # --- tasks ----------------------------------------------------------------------------
+
+    def accept(self, task: Task) -> None:
+        task_id, keys, _ = task
+        found, missing = self.cache.lookup(keys)
+        if missing:
+            with self.lock:
+                self.parked[task_id] = (task, set(missing))
+            self.request(missing)
+            return
+        self.start(task, found)
+
+    def request(self, keys: list[str]) -> None:
+        """Ask the client (again) for blobs this agent does not hold."""
+        with self.lock:
+            ask = [k for k in keys if k not in self.requested]
+            self.requested.update(ask)
+        for key in ask:
+            self.outbox.put(wire.encode_obj(Kind.NEED_BLOB, key))
+
+    def unpark(self, key: str) -> None:
+        ready: list[Task] = []
+        with self.lock:
+            self.requested.discard(key)
+            for task_id, (task, waiting) in list(self.parked.items()):
+                waiting.discard(key)
+                if not waiting:
+                    del self.parked[task_id]
+                    ready.append(task)
+        for task in ready:
+            self.accept(task)
+
+    def start(self, task: Task, blobs: dict[str, Any]) -> None:
+        if self.slots is not None:
+            self.slots.submit(task, blobs)
+        else:
+            assert self.pool is not None
+            self.pool.submit(self.run, task, blobs)
+
+    def run(self, task: Task, blobs: dict[str, Any]) -> None:
+        task_id, _, payload = task
+        if task_id in self.cancelled:
+            self.finish(task_id, Status.CANCELLED, b"")
+            return
+        try:
+            fn, args, kwargs = wire.loads_task(payload, blobs)
+            value = fn(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - every failure goes back to the client
+            status, body = Status.ERROR, wire.dumps_error(_explain(exc), self.where())
+        else:
+            try:
+                status, body = Status.OK, wire.dumps_result(value)
+            except Exception as exc:
+                error = TypeError(
+                    f"the result of task {getattr(fn, '__qualname__', fn)!r} cannot be pickled "
+                    f"({type(value).__name__}): {exc}. Return plain data (numbers, arrays, "
+                    "dicts) instead of locks, open files, sockets or generators"
+                )
+                status, body = Status.ERROR, wire.dumps_error(error, self.where())
+        if task_id in self.cancelled:
+            status, body = Status.CANCELLED, b""
+        self.finish(task_id, status, body)
+
+    def finish(self, task_id: int, status: Status, body: bytes) -> None:
+        with self.lock:
+            self.cancelled.discard(task_id)
+            self.tasks_done += 1
+        self.outbox.put(wire.encode_obj(Kind.RESULT, (task_id, int(status), body)))
+
+    def cancel(self, task_id: int) -> None:
+        with self.lock:
+            parked = self.parked.pop(task_id, None)
+            if parked is None:
+                self.cancelled.add(task_id)
+        if parked is not None:
+            self.finish(task_id, Status.CANCELLED, b"")
+        elif self.slots is not None:
+            self.slots.cancel(task_id)
+
+    def where(self) -> str:
+        return f"{self.config.get('node', 'node')} (pid {os.getpid()})"
+
+
+def _explain(exc: BaseException) -> BaseException:
+    """Add the fix to errors whose cause is the worker's environment."""
+    if isinstance(exc, ModuleNotFoundError) and exc.name:
+        hint = (
+            f"module {exc.name!r} is not installed on the worker: add it to "
+            f"sky.Image(pip=[...]) or install it on the worker hosts"
+        )
+        if hasattr(exc, "add_note"):
+            exc.add_note(hint)
+    return exc
+
+
+class ProcessSlots:
+    """``executor="process"``: one child agent per slot, fed over pipes."""
+
+    def __init__(self, agent: Agent, concurrency: int) -> None:
+        self.agent = agent
+        self.lock = threading.Lock()
+        self.queue: deque[tuple[Task, dict[str, Any]]] = deque()
+        self.waiting: dict[str, list[Slot]] = {}
+        self.slots = [Slot(self, i) for i in range(concurrency)]
+
+    def submit(self, task: Task, blobs: dict[str, Any]) -> None:
+        with self.lock:
+            self.queue.append((task, blobs))
+        self.pump()
+
+    def pump(self) -> None:
+        while True:
+            with self.lock:
+                slot = next((s for s in self.slots if s.task_id is None and s.alive), None)
+                if slot is None or not self.queue:
+                    return
+                task, blobs = self.queue.popleft()
+                slot.task_id = task[0]
+            slot.send(task, blobs)
+
+    def need_blob(self, slot: Slot, key: str) -> None:
+        """A child evicted a blob it still needs: resend ours, or ask the client for it."""
+        found, _ = self.agent.cache.lookup((key,))
+        if found:
+            slot.send_blobs(found, resend=True)
+            return
+        with self.lock:
+            self.waiting.setdefault(key, []).append(slot)
+        self.agent.request([key])
+
+    def blob_arrived(self, key: str) -> None:
+        with self.lock:
+            slots = self.waiting.pop(key, [])
+        if slots:
+            found, _ = self.agent.cache.lookup((key,))
+            for slot in slots:
+                slot.send_blobs(found, resend=True)
+
+    def cancel(self, task_id: int) -> None:
+        with self.lock:
+            queued = next((item for item in self.queue if item[0][0] == task_id), None)
+            if queued is not None:
+                self.queue.remove(queued)
+            running = next((s for s in self.slots if s.task_id == task_id), None)
+        if queued is not None:
+            self.agent.finish(task_id, Status.CANCELLED, b"")
+        elif running is not None:
+            running.cancelling = task_id
+            running.kill()
+
+    def kill_all(self) -> None:
+        for slot in self.slots:
+            slot.alive = False
+            slot.kill()
+
+
+class Slot:
+    """A child agent that runs one task at a time."""
+
+    def __init__(self, owner: ProcessSlots, index: int) -> None:
+        self.owner = owner
+        self.index = index
+        self.alive = True
+        self.task_id: int | None = None
+        self.cancelling: int | None = None
+        self.spawn()
+
+    def spawn(self) -> None:
+        self.sent: set[str] = set()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "skyward.agent", "--child"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            close_fds=True,
+        )
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.stdin = self.proc.stdin
+        config = dict(self.owner.agent.config, concurrency=1, executor="thread")
+        config["node"] = f"{config.get('node', 'node')}/slot-{self.index}"
+        self.write(wire.encode_obj(Kind.HELLO, config))
+        frame = wire.read_frame(self.proc.stdout)
+        if frame is None or frame[0] != Kind.HELLO:
+            raise RuntimeError("a process-executor slot failed to start")
+        threading.Thread(
+            target=self.read, args=(self.proc,), name=f"skyward-slot-{self.index}", daemon=True
+        ).start()
+
+    def write(self, data: bytes) -> None:
+        self.stdin.write(data)
+        self.stdin.flush()
+
+    def send(self, task: Task, blobs: dict[str, Any]) -> None:
+        self.send_blobs(blobs, tail=wire.encode_obj(Kind.TASK, [task]))
+
+    def send_blobs(self, blobs: dict[str, Any], tail: bytes = b"", resend: bool = False) -> None:
+        frames = [
+            wire.encode(Kind.BLOB, pickle.dumps((key, data), protocol=wire.PICKLE_PROTOCOL))
+            for key, data in blobs.items()
+            if resend or key not in self.sent
+        ]
+        self.sent.update(blobs)
+        frames.append(tail)
+        try:
+            self.write(b"".join(frames))
+        except OSError:
+            pass  # the reader thread reports the dead child
+
+    def kill(self) -> None:
+        try:
+            self.proc.kill()
+        except OSError:
+            pass
+
+    def read(self, proc: subprocess.Popen[bytes]) -> None:
+        agent = self.owner.agent
+        assert proc.stdout is not None
+        while True:
+            frame = wire.read_frame(proc.stdout)
+            if frame is None:
+                break
+            kind, body, _ = frame
+            if kind == Kind.NEED_BLOB:
+                self.owner.need_blob(self, pickle.loads(body))
+            elif kind == Kind.RESULT:
+                with self.owner.lock:
+                    self.task_id = None
+                agent.outbox.put(wire.encode(Kind.RESULT, body))
+                with agent.lock:
+                    agent.tasks_done += 1
+                self.owner.pump()
+        code = proc.wait()
+        if not self.alive:
+            return
+        with self.owner.lock:
+            task_id, self.task_id = self.task_id, None
+            cancelled = task_id is not None and task_id == self.cancelling
+            self.cancelling = None
+        if task_id is not None:
+            if cancelled:
+                agent.finish(task_id, Status.CANCELLED, b"")
+            else:
+                agent.finish(task_id, Status.WORKER_DIED, pickle.dumps(_death(code)))
+        self.spawn()
+        self.owner.pump()
+
+
+def _death(code: int) -> str:
+    if code < 0:
+        name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else code
+        cause = f"killed by signal {name}"
+        if code == -signal.SIGKILL:
+            cause += " (out of memory? the kernel's OOM killer sends SIGKILL)"
+    else:
+        cause = f"exited with code {code} (did the task call os._exit or sys.exit?)"
+    return cause
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the agent on this process's stdin/stdout."""
+    args = sys.argv[1:] if argv is None else argv
+    child = "--child" in args
+    # Keep the protocol stream private: fd 1 becomes a copy of stderr for everyone else.
+    out = os.fdopen(os.dup(1), "wb", buffering=1 << 16)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    reader = os.fdopen(os.dup(0), "rb", buffering=1 << 16)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    sys.stdin = open(os.devnull)  # noqa: SIM115
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    agent = Agent(reader, out, child)
+    try:
+        agent.serve()
+    except Exception as exc:  # noqa: BLE001
+        _log(f"fatal: {type(exc).__name__}: {exc}")
+        agent.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,419 @@
+"""``sky.Compute``: the cluster's lifecycle and the ``concurrent.futures.Executor`` API.
+
+Enter: compose the image from the plugins, let the provider start the nodes,
+open every node's channel concurrently, check versions, start the heartbeat
+monitor, enter each plugin's ``around_client`` in order. Exit (on every path):
+leave the plugins in reverse, cancel what is left, stop every agent, then let
+the provider release what it created.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from contextlib import ExitStack
+from types import TracebackType
+from typing import Any, TypeVar
+
+from skyward import plugins as _plugins
+from skyward import wire
+from skyward.node import Node, NodeStartError
+from skyward.providers import ClusterSpec, Provider
+from skyward.providers.local import Local
+from skyward.scheduler import Scheduler
+from skyward.spec import Image, Worker
+
+log = logging.getLogger("skyward")
+
+T = TypeVar("T")
+
+_active: list[Compute] = []
+_active_lock = threading.Lock()
+
+
+def current() -> Compute | None:
+    """The innermost running ``Compute`` of this process, if any."""
+    with _active_lock:
+        return _active[-1] if _active else None
+
+
+class ComputeStateError(RuntimeError):
+    """A ``Compute`` was used outside its ``with`` block, or entered twice."""
+
+
+class Compute(Executor):
+    """A cluster of worker nodes, usable as a context manager and an ``Executor``.
+
+    Args:
+        provider: where nodes run: ``sky.Local()`` (default), ``sky.SSH(...)``, ``sky.AWS(...)``.
+        nodes: number of nodes.
+        vcpus: per-node CPU hint for cloud providers.
+        memory: per-node memory hint (GiB) for cloud providers.
+        worker: slots and executor of each node.
+        image: what each node has installed; plugins add to it.
+        plugins: plugin objects, e.g. ``[sky.plugins.joblib()]``.
+        max_retries: times a task is rerun after the node running it is lost.
+        heartbeat_timeout: seconds of silence after which a node is declared lost.
+        connect_timeout: seconds allowed for each node to start and say hello.
+    """
+
+    def __init__(
+        self,
+        provider: Provider | None = None,
+        nodes: int = 1,
+        vcpus: int | None = None,
+        memory: float | None = None,
+        worker: Worker | None = None,
+        image: Image | None = None,
+        plugins: Sequence[object] = (),
+        *,
+        max_retries: int = 2,
+        heartbeat_timeout: float = 10.0,
+        connect_timeout: float = 120.0,
+    ) -> None:
+        if isinstance(nodes, bool) or not isinstance(nodes, int):
+            raise TypeError(f"Compute(nodes=...) must be an int >= 1, got {nodes!r}")
+        if nodes < 1:
+            raise ValueError(
+                f"Compute(nodes={nodes}) is invalid: a cluster needs at least one node, "
+                "use nodes=1 or more"
+            )
+        if vcpus is not None and (not isinstance(vcpus, int) or vcpus < 1):
+            raise ValueError(f"Compute(vcpus={vcpus!r}) must be a positive int or None")
+        if max_retries < 0:
+            raise ValueError(f"Compute(max_retries={max_retries}) must be >= 0")
+        if heartbeat_timeout <= 0:
+            raise ValueError(f"Compute(heartbeat_timeout={heartbeat_timeout}) must be > 0")
+        if isinstance(plugins, (str, bytes)) or not isinstance(plugins, Iterable):
+            raise TypeError("Compute(plugins=...) takes a list of plugin objects")
+        self.provider: Provider = provider if provider is not None else Local()
+        if not isinstance(self.provider, Provider):
+            raise TypeError(
+                f"Compute(provider=...) must be a provider such as sky.Local(), sky.SSH(...) "
+                f"or sky.AWS(...), got {self.provider!r}"
+            )
+        self.worker = worker if worker is not None else Worker()
+        if not isinstance(self.worker, Worker):
+            raise TypeError(f"Compute(worker=...) must be a sky.Worker, got {self.worker!r}")
+        self.base_image = image if image is not None else Image()
+        self.plugins: list[object] = list(plugins)
+        self._pm = _plugins.manager(self.plugins)
+        self.node_count = nodes
+        self.vcpus = vcpus
+        self.memory = memory
+        self.max_retries = max_retries
+        self.heartbeat_timeout = heartbeat_timeout
+        self.connect_timeout = connect_timeout
+        self.cluster_id = uuid.uuid4().hex[:12]
+        self.image: Image = self.base_image
+        self._state = "new"
+        self._lock = threading.Lock()
+        self._stack: ExitStack | None = None
+        self._scheduler: Scheduler | None = None
+        self._blobs = wire.BlobRegistry()
+        self._monitor_stop = threading.Event()
+        self._started_at = 0.0
+        self.nodes: list[Node] = []
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def __enter__(self) -> Compute:
+        with self._lock:
+            if self._state == "running":
+                raise ComputeStateError(
+                    "this Compute is already running: a Compute object can be entered once; "
+                    "create a second sky.Compute(...) for a second cluster"
+                )
+            if self._state == "closed":
+                raise ComputeStateError(
+                    "this Compute was already used and shut down: create a new "
+                    "sky.Compute(...) for a new cluster"
+                )
+            self._state = "running"
+        started = time.monotonic()
+        stack = ExitStack()
+        self._stack = stack
+        try:
+            self._start(stack)
+        except BaseException:
+            self._state = "closed"
+            self._stack = None
+            stack.close()
+            raise
+        self._started_at = time.monotonic()
+        log.info(
+            "cluster %s ready: %d node(s), %d slot(s) in %.2fs",
+            self.cluster_id, len(self.nodes), self.total_slots, self._started_at - started,
+        )
+        return self
+
+    def _start(self, stack: ExitStack) -> None:
+        self.image = _plugins.compose_image(self.base_image, self._pm, self.plugins)
+        spec = ClusterSpec(
+            nodes=self.node_count, worker=self.worker, image=self.image,
+            cluster_id=self.cluster_id, vcpus=self.vcpus, memory=self.memory,
+        )
+        self.provider.check(spec)
+        stack.callback(self._blobs.clear)
+        t0 = time.monotonic()
+        launchers = self.provider.launch(spec, stack)
+        log.info("provisioned %d node(s) in %.2fs", len(launchers), time.monotonic() - t0)
+        scheduler = Scheduler(max_retries=self.max_retries)
+        self._scheduler = scheduler
+        stack.callback(self._stop_nodes)
+        self.nodes = self._connect(launchers)
+        for node in self.nodes:
+            node.start(scheduler)
+        scheduler.add_nodes(self.nodes)
+        monitor = threading.Thread(target=self._monitor, name="skyward-monitor", daemon=True)
+        monitor.start()
+        stack.callback(monitor.join, 5)
+        stack.callback(self._monitor_stop.set)
+        _register(self, stack)
+        stack.enter_context(_plugins.around_client(self, self._pm, self.plugins))
+
+    def _connect(self, launchers: list[Any]) -> list[Node]:
+        config = {
+            "concurrency": self.worker.concurrency,
+            "executor": self.worker.executor,
+            "env": dict(self.image.env),
+            "idle_timeout": max(60.0, 6 * self.heartbeat_timeout),
+        }
+        opened: list[Node] = []
+        lock = threading.Lock()
+
+        def open_one(index: int) -> Node:
+            launcher = launchers[index]
+            t0 = time.monotonic()
+            try:
+                channel = launcher.open()
+            except NodeStartError:
+                raise
+            except Exception as exc:
+                raise NodeStartError(
+                    f"{launcher.name}: {type(exc).__name__}: {exc} (step: start agent)"
+                ) from exc
+            node = Node(index, channel, self.worker.concurrency, self._blobs)
+            with lock:
+                opened.append(node)
+            node.handshake({**config, "node": launcher.name}, self.connect_timeout)
+            log.info("node %s ready in %.2fs (pid %s)", node.name, time.monotonic() - t0, node.pid)
+            return node
+
+        with ThreadPoolExecutor(min(32, len(launchers)), "skyward-connect") as pool:
+            futures = [pool.submit(open_one, i) for i in range(len(launchers))]
+            errors = []
+            for future in futures:
+                try:
+                    future.result()
+                except BaseException as exc:  # noqa: BLE001
+                    errors.append(exc)
+        if errors:
+            for node in opened:
+                node.stop(timeout=1.0, kill=True)
+            raise errors[0]
+        return sorted(opened, key=lambda n: n.index)
+
+    def _monitor(self) -> None:
+        """Send heartbeats; declare a node lost when it has been silent too long."""
+        interval = min(1.0, self.heartbeat_timeout / 5)
+        while not self._monitor_stop.wait(interval):
+            scheduler = self._scheduler
+            if scheduler is None:
+                return
+            now = time.monotonic()
+            for node in list(self.nodes):
+                if not node.alive:
+                    continue
+                silent = now - node.last_heard
+                if silent > self.heartbeat_timeout:
+                    scheduler.node_lost(
+                        node, f"no heartbeat for {silent:.1f}s (heartbeat_timeout="
+                        f"{self.heartbeat_timeout}s)"
+                    )
+                    threading.Thread(target=node.stop, kwargs={"kill": True}, daemon=True).start()
+                else:
+                    node.heartbeat()
+
+    def _stop_nodes(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.close(cancel=True)
+        stoppers = [
+            threading.Thread(target=node.stop, name=f"skyward-stop-{node.name}", daemon=True)
+            for node in self.nodes
+        ]
+        for thread in stoppers:
+            thread.start()
+        for thread in stoppers:
+            thread.join(10)
+        log.info("cluster %s stopped", self.cluster_id)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.shutdown(wait=exc_type is None, cancel_futures=exc_type is not None)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop the cluster. With ``wait``, first let submitted tasks finish."""
+        with self._lock:
+            if self._state != "running":
+                return
+            self._state = "closing"
+        try:
+            if wait and not cancel_futures and self._scheduler is not None:
+                scheduler = self._scheduler
+                while not scheduler.idle() and scheduler.live_slots:
+                    time.sleep(0.01)
+        finally:
+            stack, self._stack = self._stack, None
+            self._state = "closed"
+            if stack is not None:
+                stack.close()
+
+    # --- Executor API ---------------------------------------------------------------------
+
+    def _running_scheduler(self) -> Scheduler:
+        if self._state != "running" or self._scheduler is None:
+            state = "was shut down" if self._state in ("closing", "closed") else "is not started"
+            raise ComputeStateError(
+                f"this Compute {state}: call submit/map inside `with sky.Compute(...) as compute:`"
+            )
+        return self._scheduler
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        """Run ``fn(*args, **kwargs)`` on the cluster; return a future for its result."""
+        scheduler = self._running_scheduler()
+        payload, keys = wire.dumps_task(fn, args, kwargs, self._blobs)
+        name = getattr(fn, "__qualname__", None) or type(fn).__name__
+        return scheduler.submit(payload, keys, name)
+
+    def map(
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+    ) -> Iterator[T]:
+        """Like :meth:`concurrent.futures.Executor.map`; ``chunksize`` batches calls per task."""
+        if chunksize < 1:
+            raise ValueError(f"chunksize must be >= 1, got {chunksize}")
+        if chunksize == 1:
+            return super().map(fn, *iterables, timeout=timeout)
+        chunks = _chunks(zip(*iterables), chunksize)
+        inner = super().map(_ChunkRunner(fn), chunks, timeout=timeout)
+        return (value for chunk in inner for value in chunk)
+
+    # --- introspection --------------------------------------------------------------------
+
+    @property
+    def total_slots(self) -> int:
+        """Slots of the live nodes: nodes x concurrency while all are up."""
+        return self._scheduler.live_slots if self._scheduler is not None else 0
+
+    @property
+    def running(self) -> bool:
+        """Whether the cluster is up."""
+        return self._state == "running"
+
+    def stats(self, refresh: bool = False) -> dict[str, Any]:
+        """Counters: tasks, and per node bytes sent/received, blobs, agent cache hits.
+
+        With ``refresh``, first ask every live agent for fresh counters (bounded wait).
+        """
+        if refresh:
+            before = {n.name: n.heartbeats for n in self.nodes if n.alive}
+            for node in self.nodes:
+                if node.alive:
+                    node.heartbeat()
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and any(
+                n.alive and n.heartbeats == before.get(n.name, 0) for n in self.nodes
+            ):
+                time.sleep(0.005)
+        tasks = self._scheduler.stats() if self._scheduler is not None else {}
+        return {
+            "cluster": self.cluster_id,
+            "tasks": tasks,
+            "nodes": {n.name: n.stats() for n in self.nodes},
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"<Compute {self.cluster_id} {self._state} provider={type(self.provider).__name__} "
+            f"nodes={self.node_count} slots/node={self.worker.concurrency}>"
+        )
+
+
+class _ChunkRunner:
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+
+    def __call__(self, chunk: list[tuple[Any, ...]]) -> list[Any]:
+        return [self.fn(*args) for args in chunk]
+
+
+def _chunks(items: Iterable[tuple[Any, ...]], size: int) -> Iterator[list[tuple[Any, ...]]]:
+    chunk: list[tuple[Any, ...]] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+# --- process-wide safety net ------------------------------------------------------------------
+
+
+def _register(compute: Compute, stack: ExitStack) -> None:
+    """Track running clusters so interpreter exit and SIGTERM still stop them."""
+    with _active_lock:
+        _active.append(compute)
+        _install_sigterm()
+
+    def unregister() -> None:
+        with _active_lock:
+            if compute in _active:
+                _active.remove(compute)
+
+    stack.callback(unregister)
+
+
+_sigterm_installed = False
+
+
+def _install_sigterm() -> None:
+    """Turn SIGTERM into SystemExit so ``with`` blocks unwind and clusters stop."""
+    global _sigterm_installed
+    if _sigterm_installed or threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    _sigterm_installed = True
+
+
+@atexit.register
+def _shutdown_all() -> None:
+    with _active_lock:
+        running = list(reversed(_active))
+    for compute in running:
+        try:
+            compute.shutdown(wait=False, cancel_futures=True)
+        except Exception:  # noqa: BLE001 - best effort at interpreter exit
+            log.exception("failed to stop cluster %s at exit", compute.cluster_id)
+

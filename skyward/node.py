@@ -1,0 +1,207 @@
+"""The client's end of one agent: handshake, frame I/O threads, blobs already sent, counters."""
+
+from __future__ import annotations
+
+import pickle
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from skyward import wire
+from skyward.channel import Channel
+from skyward.wire import Kind
+
+if TYPE_CHECKING:
+    from skyward.scheduler import Scheduler, TaskRecord
+
+
+class NodeStartError(RuntimeError):
+    """A node could not be started; the message names the node and the step."""
+
+
+class Node:
+    """A connected agent with ``concurrency`` slots."""
+
+    def __init__(self, index: int, channel: Channel, concurrency: int, blobs: wire.BlobRegistry):
+        self.index = index
+        self.name = channel.name
+        self.channel = channel
+        self.concurrency = concurrency
+        self.blobs = blobs
+        self.alive = False
+        self.info: dict[str, Any] = {}
+        self.inflight: dict[int, TaskRecord] = {}
+        self.last_heard = time.monotonic()
+        self.agent_stats: dict[str, int] = {}
+        self.heartbeats = 0
+        self.bytes_received = 0
+        self.blobs_sent = 0
+        self.blob_bytes_sent = 0
+        self.blob_requests = 0
+        self.tasks_done = 0
+        self.busy_seconds = 0.0
+        self._sent_blobs: set[str] = set()
+        self._send_lock = threading.Lock()
+        self.outbox = wire.Outbox(channel.writer, self._broken, name=f"skyward-send-{self.name}")
+        self._scheduler: Scheduler | None = None
+        self._reader: threading.Thread | None = None
+
+    def __repr__(self) -> str:
+        state = "alive" if self.alive else "down"
+        return f"<Node {self.name} {state} slots={self.concurrency} in_flight={len(self.inflight)}>"
+
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes written to this node's channel so far."""
+        return self.outbox.sent
+
+    @property
+    def pid(self) -> int | None:
+        """The agent's process id on its host."""
+        pid = self.info.get("pid")
+        return int(pid) if pid is not None else None
+
+    # --- start ----------------------------------------------------------------------------
+
+    def handshake(self, config: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """Send the client's HELLO and wait (bounded) for the agent's."""
+        self.outbox.put(wire.encode_obj(Kind.HELLO, config))
+        result: dict[str, Any] = {}
+
+        def read() -> None:
+            try:
+                frame = wire.read_frame(self.channel.reader)
+                if frame is None:
+                    result["error"] = "the agent exited before saying hello (see its stderr above)"
+                elif frame[0] != Kind.HELLO:
+                    result["error"] = f"the agent answered {frame[0].name} instead of HELLO"
+                else:
+                    result["hello"] = pickle.loads(frame[1])
+            except Exception as exc:  # noqa: BLE001
+                result["error"] = f"{type(exc).__name__}: {exc}"
+
+        reader = threading.Thread(target=read, name=f"skyward-hello-{self.name}", daemon=True)
+        reader.start()
+        reader.join(timeout)
+        if reader.is_alive():
+            self.channel.kill()
+            reader.join(5)
+            raise NodeStartError(
+                f"{self.name}: the agent did not answer within {timeout:.0f}s (step: handshake)"
+            )
+        if "error" in result:
+            raise NodeStartError(f"{self.name}: {result['error']} (step: handshake)")
+        self.info = result["hello"]
+        wire.check_compatible(wire.versions(), self.info, self.name)
+        return self.info
+
+    def start(self, scheduler: Scheduler) -> None:
+        """Begin reading frames and handing them to ``scheduler``."""
+        self._scheduler = scheduler
+        self.alive = True
+        self.last_heard = time.monotonic()
+        self._reader = threading.Thread(
+            target=self._read, name=f"skyward-recv-{self.name}", daemon=True
+        )
+        self._reader.start()
+
+    # --- sending --------------------------------------------------------------------------
+
+    def send_tasks(self, records: list[TaskRecord]) -> None:
+        """Send tasks, each preceded by the blobs this node does not have yet."""
+        frames: list[bytes] = []
+        with self._send_lock:
+            for record in records:
+                for key in record.keys:
+                    if key not in self._sent_blobs:
+                        self._sent_blobs.add(key)
+                        frames.append(self._blob_frame(key))
+            frames.append(
+                wire.encode_obj(Kind.TASK, [(r.id, r.keys, r.payload) for r in records])
+            )
+            self.outbox.put(b"".join(frames))
+
+    def _blob_frame(self, key: str) -> bytes:
+        blob = self.blobs.get(key)
+        self.blobs_sent += 1
+        self.blob_bytes_sent += len(blob.data)
+        return wire.encode(
+            Kind.BLOB, pickle.dumps((key, blob.data), protocol=wire.PICKLE_PROTOCOL)
+        )
+
+    def resend_blob(self, key: str) -> None:
+        """The agent evicted a blob a task needs: send it again."""
+        self.blob_requests += 1
+        with self._send_lock:
+            self.outbox.put(self._blob_frame(key))
+
+    def cancel(self, task_ids: list[int]) -> None:
+        """Ask the agent to cancel tasks (queued ones are dropped, running ones stopped)."""
+        self.outbox.put(wire.encode_obj(Kind.CANCEL, task_ids))
+
+    def heartbeat(self) -> None:
+        """Tell the agent the client is alive."""
+        self.outbox.put(wire.encode_obj(Kind.HEARTBEAT, None))
+
+    # --- receiving ------------------------------------------------------------------------
+
+    def _read(self) -> None:
+        scheduler = self._scheduler
+        assert scheduler is not None
+        reason = "its channel closed (agent process exited or connection lost)"
+        try:
+            while True:
+                frame = wire.read_frame(self.channel.reader)
+                if frame is None:
+                    break
+                kind, body, size = frame
+                self.bytes_received += size
+                self.last_heard = time.monotonic()
+                if kind == Kind.RESULT:
+                    task_id, status, payload = pickle.loads(body)
+                    scheduler.on_result(self, task_id, wire.Status(status), payload)
+                elif kind == Kind.HEARTBEAT:
+                    self.agent_stats = pickle.loads(body)
+                    self.heartbeats += 1
+                elif kind == Kind.NEED_BLOB:
+                    self.resend_blob(pickle.loads(body))
+        except Exception as exc:  # noqa: BLE001
+            reason = f"reading from it failed: {type(exc).__name__}: {exc}"
+        scheduler.node_lost(self, reason)
+
+    def _broken(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.node_lost(self, "writing to it failed (channel closed)")
+
+    # --- stop -----------------------------------------------------------------------------
+
+    def stop(self, timeout: float = 2.0, kill: bool = False) -> None:
+        """Close the channel (the agent exits on EOF); kill it if asked or if it lingers."""
+        self.alive = False
+        if kill:
+            self.channel.kill()
+        else:
+            self.outbox.put(wire.encode_obj(Kind.BYE, None))
+            deadline = time.monotonic() + 0.5
+            while self.outbox.pending and time.monotonic() < deadline:
+                time.sleep(0.005)
+        self.outbox.close()
+        self.channel.close(timeout)
+        if self._reader is not None and self._reader is not threading.current_thread():
+            self._reader.join(timeout)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for this node (see :meth:`skyward.Compute.stats`)."""
+        return {
+            "alive": self.alive,
+            "slots": self.concurrency,
+            "in_flight": len(self.inflight),
+            "tasks_done": self.tasks_done,
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+            "blobs_sent": self.blobs_sent,
+            "blob_bytes_sent": self.blob_bytes_sent,
+            "blob_requests": self.blob_requests,
+            **self.agent_stats,
+        }
+

@@ -1,0 +1,171 @@
+"""Plugin discovery and the ``sky.plugins`` namespace.
+
+Plugins are found through the ``skyward`` entry-point group. Built-in plugins
+(``joblib``, ``sklearn``) are separate distributions registered exactly like
+third-party ones. ``sky.plugins.<name>(**params)`` loads the entry point lazily
+and calls it; the result is any object with :func:`skyward.hookimpl` methods.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, ExitStack
+from dataclasses import dataclass
+from importlib.metadata import EntryPoint, entry_points
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+from skyward import hookspecs
+from skyward.spec import Image, check_pins, deduplicated
+
+if TYPE_CHECKING:
+    from skyward.compute import Compute
+
+ENTRY_POINT_GROUP = "skyward"
+
+__all__ = ["ENTRY_POINT_GROUP", "PluginInfo", "installed", "plugin_name", "compose_image"]
+
+
+class PluginError(TypeError):
+    """An object passed in ``plugins=[...]`` is not a usable plugin."""
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """An installed plugin: its entry-point name and the distribution that provides it."""
+
+    name: str
+    distribution: str
+    version: str
+    value: str
+
+
+def _entry_points() -> dict[str, EntryPoint]:
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def installed() -> list[PluginInfo]:
+    """List the plugins installed in this environment, sorted by name."""
+    infos = []
+    for name, ep in sorted(_entry_points().items()):
+        dist = ep.dist
+        infos.append(
+            PluginInfo(
+                name=name,
+                distribution=dist.name if dist is not None else "?",
+                version=dist.version if dist is not None else "?",
+                value=ep.value,
+            )
+        )
+    return infos
+
+
+class _Namespace:
+    """``sky.plugins``: attribute access resolves an installed plugin factory."""
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        eps = _entry_points()
+        if name not in eps:
+            names = ", ".join(sorted(eps)) or "none"
+            raise AttributeError(
+                f"no Skyward plugin named {name!r} is installed (installed: {names}); "
+                f"install it, e.g. pip install 'skyward[{name}]', or check the spelling"
+            )
+        factory: Callable[..., Any] = eps[name].load()
+        return factory
+
+    def __dir__(self) -> list[str]:
+        return sorted(_entry_points())
+
+    def __repr__(self) -> str:
+        return f"<skyward plugins: {', '.join(dir(self)) or 'none'}>"
+
+
+namespace = _Namespace()
+
+
+def plugin_name(plugin: object) -> str:
+    """A readable name for a plugin object, used in error messages."""
+    name = getattr(plugin, "name", None)
+    if isinstance(name, str):
+        return name
+    return type(plugin).__name__ if not inspect.ismodule(plugin) else plugin.__name__
+
+
+def manager(plugins: Sequence[object]) -> pluggy.PluginManager:
+    """A PluginManager with ``plugins`` registered; rejects objects that implement no hook."""
+    pm = pluggy.PluginManager("skyward")
+    pm.add_hookspecs(hookspecs)
+    for plugin in plugins:
+        if plugin is None or isinstance(plugin, (str, type)):
+            hint = (
+                f"pass an instance, e.g. sky.plugins.{plugin}()"
+                if isinstance(plugin, str)
+                else "pass an instance, not the class"
+            )
+            raise PluginError(f"{plugin!r} is not a plugin object: {hint}")
+        before = len(pm.get_plugins())
+        try:
+            pm.register(plugin, name=f"{plugin_name(plugin)}-{id(plugin)}")
+        except ValueError as exc:
+            raise PluginError(
+                f"plugin {plugin_name(plugin)!r} was passed twice in plugins=[...]"
+            ) from exc
+        if len(pm.get_plugins()) == before or not pm.get_hookcallers(plugin):
+            pm.unregister(plugin)
+            raise PluginError(
+                f"{plugin_name(plugin)!r} implements no Skyward hook: decorate its methods "
+                "with @sky.hookimpl (transform_image and/or around_client)"
+            )
+    return pm
+
+
+def _call_each(
+    pm: pluggy.PluginManager, plugins: Sequence[object], hook: str, **kwargs: Any
+) -> Iterator[tuple[object, Any]]:
+    """Call ``hook`` on each plugin that implements it, one at a time, in list order."""
+    for plugin in plugins:
+        if not any(c.name == hook for c in pm.get_hookcallers(plugin) or []):
+            continue
+        others = [p for p in pm.get_plugins() if p is not plugin]
+        yield plugin, pm.subset_hook_caller(hook, remove_plugins=others)(**kwargs)
+
+
+def compose_image(image: Image, pm: pluggy.PluginManager, plugins: Sequence[object]) -> Image:
+    """Apply each plugin's ``transform_image`` in list order; reject conflicting pins."""
+    owners: dict[str, tuple[str, str]] = {}
+    check_pins(image.pip, "the Image", owners)
+    for plugin in plugins:
+        for _, result in _call_each(pm, [plugin], "transform_image", image=image):
+            if not isinstance(result, Image):
+                raise PluginError(
+                    f"{plugin_name(plugin)}.transform_image must return a sky.Image, "
+                    f"got {type(result).__name__}"
+                )
+            kept = result.pip[: len(image.pip)] == image.pip
+            added = result.pip[len(image.pip) :] if kept else result.pip
+            check_pins(added, f"plugin {plugin_name(plugin)!r}", owners)
+            image = result
+    return deduplicated(image)
+
+
+@contextlib.contextmanager
+def around_client(
+    compute: Compute, pm: pluggy.PluginManager, plugins: Sequence[object]
+) -> Iterator[None]:
+    """Enter every plugin's ``around_client`` in order; leave them in reverse on any exit."""
+    with ExitStack() as stack:
+        for plugin in plugins:
+            for _, context in _call_each(pm, [plugin], "around_client", compute=compute):
+                if not isinstance(context, AbstractContextManager):
+                    raise PluginError(
+                        f"{plugin_name(plugin)}.around_client must return a context manager, "
+                        f"got {type(context).__name__}"
+                    )
+                stack.enter_context(context)
+        yield

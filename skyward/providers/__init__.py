@@ -1,0 +1,48 @@
+"""Providers produce started agents; they know nothing of tasks.
+
+A provider turns a :class:`ClusterSpec` into one :class:`Launcher` per node,
+registering any cleanup (terminate instances, close connections) on the given
+``ExitStack``. ``Compute`` then opens every launcher's channel concurrently.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from contextlib import ExitStack
+from dataclasses import dataclass
+
+from skyward.channel import Channel
+from skyward.spec import Image, Worker
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """What ``Compute`` asks a provider for."""
+
+    nodes: int
+    worker: Worker
+    image: Image
+    cluster_id: str
+    vcpus: int | None = None
+    memory: float | None = None
+
+
+class Launcher(ABC):
+    """Starts the agent of one node."""
+
+    name: str
+
+    @abstractmethod
+    def open(self) -> Channel:
+        """Prepare the node if needed (bootstrap), start its agent, return the channel."""
+
+
+class Provider(ABC):
+    """Where nodes come from."""
+
+    def check(self, spec: ClusterSpec) -> None:  # noqa: B027 - optional hook
+        """Raise a clear error early if ``spec`` cannot be satisfied (e.g. too few hosts)."""
+
+    @abstractmethod
+    def launch(self, spec: ClusterSpec, cleanup: ExitStack) -> list[Launcher]:
+        """Return one launcher per node; register teardown of what was created on ``cleanup``."""

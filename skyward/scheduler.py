@@ -1,0 +1,319 @@
+"""Dispatch of tasks to node slots: queueing, retries after node loss, cancellation.
+
+Free capacity is a deque of *tokens*, one per slot (plus a small prefetch per
+node), interleaved across nodes: dispatch pops a token, a result pushes it back.
+Both are O(1), spread work evenly, and need no scan over nodes. Tokens of a
+dead node are dropped lazily when popped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import pickle
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import CancelledError, Future
+from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, RUNNING
+from typing import Any
+
+from skyward import wire
+from skyward.node import Node
+from skyward.wire import Status
+
+log = logging.getLogger("skyward")
+
+
+class NoWorkersError(RuntimeError):
+    """Every node of the cluster is gone, so the remaining tasks cannot run."""
+
+
+class WorkerDiedError(RuntimeError):
+    """A task killed the worker that ran it on every attempt."""
+
+
+class SkywardFuture(Future):  # type: ignore[type-arg]
+    """A :class:`concurrent.futures.Future` whose :meth:`cancel` also stops running tasks."""
+
+    _record: TaskRecord | None = None
+    _scheduler: Scheduler | None = None
+
+    def cancel(self) -> bool:
+        """Cancel the task: a queued one never starts, a running one is stopped on its node."""
+        with self._condition:
+            if self._state == FINISHED:
+                return False
+            if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED):
+                return True
+            running = self._state == RUNNING
+            self._state = CANCELLED
+            self._condition.notify_all()
+        if running and self._scheduler is not None and self._record is not None:
+            self._scheduler.cancel_running(self._record)
+        self._invoke_callbacks()
+        return True
+
+
+class TaskRecord:
+    """One submitted task as the scheduler tracks it."""
+
+    __slots__ = ("id", "payload", "keys", "future", "attempts", "node", "started", "name", "deaths")
+
+    def __init__(self, task_id: int, payload: bytes, keys: tuple[str, ...], future: SkywardFuture,
+                 name: str) -> None:
+        self.id = task_id
+        self.payload = payload
+        self.keys = keys
+        self.future = future
+        self.attempts = 0
+        self.node: Node | None = None
+        self.started = False
+        self.name = name
+        self.deaths: list[str] = []
+
+
+class Scheduler:
+    """Queues tasks and keeps every live slot busy."""
+
+    def __init__(self, max_retries: int = 2, prefetch: int | None = None) -> None:
+        self.max_retries = max_retries
+        self.prefetch = prefetch
+        self.lock = threading.Lock()
+        self.nodes: list[Node] = []
+        self._queue: deque[TaskRecord] = deque()
+        self._tokens: deque[Node] = deque()
+        self._ids = itertools.count()
+        self.closed = False
+        self.submitted = 0
+        self.completed = 0
+        self.failed = 0
+        self.retried = 0
+        self.cancelled = 0
+        self.on_node_lost: list[Callable[[Node, str], None]] = []
+
+    # --- nodes ----------------------------------------------------------------------------
+
+    def add_nodes(self, nodes: Iterable[Node]) -> None:
+        """Add started nodes and their slots."""
+        nodes = list(nodes)
+        with self.lock:
+            self.nodes.extend(nodes)
+            self._add_tokens(nodes)
+        self._pump()
+
+    def _add_tokens(self, nodes: list[Node]) -> None:
+        width = max((n.concurrency for n in nodes), default=0)
+        for i in range(width):  # one slot of every node, then the next slot of every node
+            self._tokens.extend(n for n in nodes if i < n.concurrency)
+        for n in nodes:
+            extra = self.prefetch if self.prefetch is not None else max(1, n.concurrency // 4)
+            self._tokens.extend([n] * extra)
+
+    @property
+    def live_nodes(self) -> list[Node]:
+        """Nodes still connected."""
+        return [n for n in self.nodes if n.alive]
+
+    @property
+    def live_slots(self) -> int:
+        """Slots on the nodes still connected."""
+        return sum(n.concurrency for n in self.nodes if n.alive)
+
+    # --- submit / dispatch ----------------------------------------------------------------
+
+    def submit(self, payload: bytes, keys: tuple[str, ...], name: str) -> SkywardFuture:
+        """Queue a serialized task; return its future."""
+        future = SkywardFuture()
+        record = TaskRecord(next(self._ids), payload, keys, future, name)
+        future._record = record
+        future._scheduler = self
+        with self.lock:
+            if self.closed:
+                raise RuntimeError(
+                    "this Compute is shut down: submit tasks inside its `with` block"
+                )
+            if not any(n.alive for n in self.nodes):
+                raise NoWorkersError(_no_workers_message(self.nodes))
+            self._queue.append(record)
+            self.submitted += 1
+        self._pump()
+        return future
+
+    def _pump(self) -> None:
+        batches: dict[Node, list[TaskRecord]] = {}
+        with self.lock:
+            while self._queue and self._tokens:
+                node = self._tokens.popleft()
+                if not node.alive:
+                    continue
+                record = self._queue.popleft()
+                if not record.started:
+                    if not record.future.set_running_or_notify_cancel():
+                        self._tokens.appendleft(node)
+                        self.cancelled += 1
+                        continue
+                    record.started = True
+                elif record.future.cancelled():
+                    self._tokens.appendleft(node)
+                    continue
+                record.node = node
+                record.attempts += 1
+                node.inflight[record.id] = record
+                batches.setdefault(node, []).append(record)
+        for node, records in batches.items():
+            node.send_tasks(records)
+
+    # --- results --------------------------------------------------------------------------
+
+    def on_result(self, node: Node, task_id: int, status: Status, payload: bytes) -> None:
+        """Called by a node's reader thread for each RESULT frame."""
+        with self.lock:
+            record = node.inflight.pop(task_id, None)
+            if record is None:
+                return  # stale: the node was declared lost and the task rerun elsewhere
+            if node.alive:
+                self._tokens.append(node)
+            node.tasks_done += 1
+            retry = status == Status.WORKER_DIED and self._retry(record, pickle.loads(payload))
+        if not retry:
+            self._resolve(record, status, payload, node)
+        self._pump()
+
+    def _retry(self, record: TaskRecord, why: str) -> bool:
+        """Requeue ``record`` after a worker death, if it has attempts left (lock held)."""
+        record.deaths.append(why)
+        if record.future.cancelled() or record.attempts > self.max_retries:
+            return False
+        self._queue.appendleft(record)
+        self.retried += 1
+        return True
+
+    def _resolve(self, record: TaskRecord, status: Status, payload: bytes, node: Node) -> None:
+        future = record.future
+        if future.done():
+            return
+        try:
+            if status == Status.OK:
+                try:
+                    value = pickle.loads(payload)
+                except Exception as exc:
+                    raise TypeError(
+                        f"the result of {record.name} from {node.name} cannot be unpickled on "
+                        f"the client: {type(exc).__name__}: {exc}. Make the result's classes "
+                        "importable on the client"
+                    ) from exc
+                future.set_result(value)
+                with self.lock:
+                    self.completed += 1
+                return
+            if status == Status.ERROR:
+                error = wire.loads_error(payload)
+            elif status == Status.WORKER_DIED:
+                error = WorkerDiedError(
+                    f"task {record.name} killed its worker on each of its {record.attempts} "
+                    f"attempt(s): {'; '.join(record.deaths)}. It was not retried further "
+                    f"(max_retries={self.max_retries}); the rest of the cluster keeps running"
+                )
+            else:
+                return
+        except Exception as exc:  # noqa: BLE001
+            error = exc
+        with self.lock:
+            self.failed += 1
+        future.set_exception(error)
+
+    # --- node loss ------------------------------------------------------------------------
+
+    def node_lost(self, node: Node, reason: str) -> None:
+        """Mark ``node`` dead and requeue its in-flight tasks on the live nodes."""
+        failed: list[tuple[TaskRecord, BaseException]] = []
+        with self.lock:
+            if not node.alive:
+                return
+            node.alive = False
+            log.warning("node %s lost: %s", node.name, reason)
+            records = sorted(node.inflight.values(), key=lambda r: r.id)
+            node.inflight.clear()
+            for record in reversed(records):
+                if not self._retry(record, f"{node.name} was lost ({reason})"):
+                    if not record.future.cancelled():
+                        failed.append((record, _lost_error(record, self.max_retries)))
+            if not any(n.alive for n in self.nodes) and not self.closed:
+                message = _no_workers_message(self.nodes)
+                while self._queue:
+                    record = self._queue.popleft()
+                    failed.append((record, NoWorkersError(message)))
+        for callback in self.on_node_lost:
+            callback(node, reason)
+        for record, error in failed:
+            with self.lock:
+                self.failed += 1
+            _fail(record.future, error)
+        self._pump()
+
+    # --- cancellation / shutdown ----------------------------------------------------------
+
+    def cancel_running(self, record: TaskRecord) -> None:
+        """A running task's future was cancelled: tell its node to stop it."""
+        with self.lock:
+            self.cancelled += 1
+            node = record.node
+        if node is not None and node.alive and record.id in node.inflight:
+            node.cancel([record.id])
+
+    def close(self, cancel: bool = True) -> None:
+        """Refuse new tasks; cancel queued ones when ``cancel``."""
+        with self.lock:
+            self.closed = True
+            queued = list(self._queue) if cancel else []
+            if cancel:
+                self._queue.clear()
+            inflight = [r for n in self.nodes for r in n.inflight.values()] if cancel else []
+        for record in queued + inflight:
+            record.future.cancel()
+
+    def idle(self) -> bool:
+        """Whether no task is queued or running."""
+        with self.lock:
+            return not self._queue and not any(n.inflight for n in self.nodes if n.alive)
+
+    def stats(self) -> dict[str, Any]:
+        """Task counters."""
+        with self.lock:
+            return {
+                "submitted": self.submitted,
+                "completed": self.completed,
+                "failed": self.failed,
+                "retried": self.retried,
+                "cancelled": self.cancelled,
+                "queued": len(self._queue),
+            }
+
+
+def _fail(future: Future[Any], error: BaseException) -> None:
+    if not future.done():
+        try:
+            future.set_exception(error)
+        except Exception:  # noqa: BLE001 - the future was resolved concurrently
+            pass
+
+
+def _lost_error(record: TaskRecord, max_retries: int) -> BaseException:
+    return WorkerDiedError(
+        f"task {record.name} was running on a node that was lost on each of its "
+        f"{record.attempts} attempt(s) ({'; '.join(record.deaths)}); giving up after "
+        f"max_retries={max_retries}. If the task itself crashes its worker (os._exit, "
+        "segfault, out of memory), fix the task; otherwise raise max_retries"
+    )
+
+
+def _no_workers_message(nodes: list[Node]) -> str:
+    names = ", ".join(n.name for n in nodes) or "none"
+    return (
+        f"no live worker node is left (lost: {names}); the remaining tasks cannot run. "
+        "Check the nodes' stderr above for the cause and start a new Compute"
+    )
+
+
+__all__ = ["Scheduler", "SkywardFuture", "NoWorkersError", "WorkerDiedError", "CancelledError"]

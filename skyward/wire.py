@@ -1,0 +1,411 @@
+"""The frame protocol spoken between the client and an agent over any byte stream.
+
+A frame is a fixed header ``magic | protocol | kind | flags | length`` followed
+by a body. Bodies above :data:`COMPRESS_THRESHOLD` bytes are compressed with
+``lz4.frame`` (flag :data:`FLAG_LZ4`) when that makes them smaller.
+
+Task payloads are cloudpickled. Large arguments (numpy arrays, bytes, pandas
+objects above :data:`BLOB_THRESHOLD`) and functions pickled by value become
+*blobs*: serialized once, keyed by a content hash and referenced from the task
+through pickle's persistent-id mechanism, so each is sent to a node once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import pickle
+import platform
+import struct
+import sys
+import threading
+import traceback
+import types
+import weakref
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import IO, Any
+
+import cloudpickle
+import lz4.frame
+
+MAGIC = b"SK"
+PROTOCOL = 1
+HEADER = struct.Struct("!2sBBBQ")
+FLAG_LZ4 = 0x01
+COMPRESS_THRESHOLD = 64 * 1024
+BLOB_THRESHOLD = 1024 * 1024
+PICKLE_PROTOCOL = 5
+
+
+class Kind(IntEnum):
+    """Frame kinds."""
+
+    HELLO = 1
+    TASK = 2
+    RESULT = 3
+    BLOB = 4
+    CANCEL = 5
+    HEARTBEAT = 6
+    BYE = 7
+    NEED_BLOB = 8
+
+
+class Status(IntEnum):
+    """How a task ended, as reported in a ``RESULT`` frame."""
+
+    OK = 0
+    ERROR = 1
+    CANCELLED = 2
+    WORKER_DIED = 3
+
+
+class ProtocolError(RuntimeError):
+    """The byte stream does not carry Skyward frames (wrong peer, or output on stdout)."""
+
+
+class RemoteError(Exception):
+    """A task failed with an exception that could not be recreated on the client."""
+
+
+def encode(kind: Kind, body: bytes, compress: bool = True) -> bytes:
+    """Return one frame carrying ``body``."""
+    flags = 0
+    if compress and len(body) > COMPRESS_THRESHOLD:
+        packed = lz4.frame.compress(body, compression_level=0)
+        if len(packed) < len(body):
+            body, flags = packed, FLAG_LZ4
+    return HEADER.pack(MAGIC, PROTOCOL, kind, flags, len(body)) + body
+
+
+def encode_obj(kind: Kind, obj: object) -> bytes:
+    """Return one frame whose body is ``obj`` pickled (plain pickle: protocol data only)."""
+    return encode(kind, pickle.dumps(obj, protocol=PICKLE_PROTOCOL))
+
+
+def read_frame(stream: IO[bytes]) -> tuple[Kind, bytes, int] | None:
+    """Read one frame; return ``(kind, body, wire_size)`` or ``None`` at end of stream."""
+    header = _read_exact(stream, HEADER.size)
+    if header is None:
+        return None
+    magic, protocol, kind, flags, length = HEADER.unpack(header)
+    if magic != MAGIC:
+        raise ProtocolError(
+            f"unexpected bytes on the agent channel ({header!r}): something other than the "
+            "Skyward agent wrote to its stdout (a login banner or a shell profile that prints?)"
+        )
+    if protocol != PROTOCOL:
+        raise ProtocolError(
+            f"agent speaks protocol {protocol}, this client speaks {PROTOCOL}: install the same "
+            "skyward version on both sides"
+        )
+    body = _read_exact(stream, length) if length else b""
+    if body is None:
+        return None
+    size = HEADER.size + length
+    if flags & FLAG_LZ4:
+        body = lz4.frame.decompress(body)
+    return Kind(kind), body, size
+
+
+def _read_exact(stream: IO[bytes], n: int) -> bytes | None:
+    data = stream.read(n)
+    if not data:
+        return None
+    if len(data) == n:
+        return data
+    chunks = [data]
+    got = len(data)
+    while got < n:
+        more = stream.read(n - got)
+        if not more:
+            return None
+        chunks.append(more)
+        got += len(more)
+    return b"".join(chunks)
+
+
+class Outbox:
+    """Frames queued for the peer; one writer thread coalesces them into few writes."""
+
+    def __init__(self, stream: IO[bytes], on_broken: Callable[[], object], name: str = "skyward-outbox") -> None:
+        self._stream = stream
+        self._frames: deque[bytes] = deque()
+        self._ready = threading.Condition()
+        self._on_broken = on_broken
+        self.sent = 0
+        self._writing = False
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def put(self, frame: bytes) -> None:
+        """Queue one frame (or several, concatenated)."""
+        with self._ready:
+            if self._closed:
+                return
+            self._frames.append(frame)
+            self._ready.notify()
+
+    @property
+    def pending(self) -> bool:
+        """Whether frames are queued or being written."""
+        return bool(self._frames) or self._writing
+
+    def close(self) -> None:
+        """Stop writing; frames not yet written are dropped."""
+        with self._ready:
+            self._closed = True
+            self._frames.clear()
+            self._ready.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                while not self._frames and not self._closed:
+                    self._ready.wait()
+                if self._closed:
+                    return
+                batch = list(self._frames)
+                self._frames.clear()
+                self._writing = True
+            data = b"".join(batch)
+            try:
+                self._stream.write(data)
+                self._stream.flush()
+                self.sent += len(data)
+                self._writing = False
+            except (OSError, ValueError):
+                self._on_broken()
+                return
+
+
+
+# --- versions -----------------------------------------------------------------------------
+
+
+def versions() -> dict[str, Any]:
+    """What this side runs, exchanged in ``HELLO`` frames."""
+    from skyward import __version__
+
+    info: dict[str, Any] = {
+        "protocol": PROTOCOL,
+        "python": platform.python_version(),
+        "implementation": sys.implementation.name,
+        "skyward": __version__,
+        "cloudpickle": cloudpickle.__version__,
+    }
+    joblib = sys.modules.get("joblib")
+    info["joblib"] = getattr(joblib, "__version__", None)
+    return info
+
+
+class VersionMismatchError(RuntimeError):
+    """Client and agent run versions that cannot exchange pickled tasks."""
+
+
+def check_compatible(local: dict[str, Any], remote: dict[str, Any], node: str) -> None:
+    """Raise :class:`VersionMismatchError` when ``remote`` cannot unpickle what we send."""
+    problems = []
+    if remote.get("protocol") != local["protocol"]:
+        problems.append(f"protocol {remote.get('protocol')} vs {local['protocol']}")
+    lpy = ".".join(str(local["python"]).split(".")[:2])
+    rpy = ".".join(str(remote.get("python", "?")).split(".")[:2])
+    if lpy != rpy or remote.get("implementation") != local["implementation"]:
+        problems.append(
+            f"Python {remote.get('implementation')} {remote.get('python')} on the worker vs "
+            f"{local['implementation']} {local['python']} on the client"
+        )
+    lcp = str(local["cloudpickle"]).split(".")[0]
+    rcp = str(remote.get("cloudpickle", "?")).split(".")[0]
+    if lcp != rcp:
+        problems.append(f"cloudpickle {remote.get('cloudpickle')} vs {local['cloudpickle']}")
+    if problems:
+        raise VersionMismatchError(
+            f"{node} cannot run tasks pickled by this client: {'; '.join(problems)}. "
+            f"Use the same Python minor version on both sides (Image(python='{lpy}') or "
+            "Local(python=...)) and the same cloudpickle major version"
+        )
+
+
+# --- blobs and task payloads ----------------------------------------------------------------
+
+
+def _is_large(obj: object) -> bool:
+    cls = type(obj)
+    if cls is bytes or cls is bytearray:
+        return len(obj) >= BLOB_THRESHOLD  # type: ignore[arg-type]
+    module = cls.__module__
+    if module == "numpy":
+        return cls.__name__ == "ndarray" and obj.nbytes >= BLOB_THRESHOLD  # type: ignore[attr-defined]
+    if module.startswith("pandas.core."):
+        if cls.__name__ in ("DataFrame", "Series"):
+            try:
+                return int(obj.memory_usage(deep=False, index=True).sum()) >= BLOB_THRESHOLD  # type: ignore[attr-defined]
+            except Exception:
+                return False
+    if module.startswith("scipy.sparse"):
+        data = getattr(obj, "data", None)
+        return getattr(data, "nbytes", 0) >= BLOB_THRESHOLD
+    return False
+
+
+def _by_value(obj: object) -> bool:
+    """Functions cloudpickle ships by value (defined in ``__main__``, lambdas, closures)."""
+    if type(obj) is not types.FunctionType:
+        return False
+    by_reference = getattr(cloudpickle.cloudpickle, "_should_pickle_by_reference", None)
+    if by_reference is None:
+        return obj.__module__ == "__main__"
+    try:
+        return not by_reference(obj)
+    except Exception:
+        return False
+
+
+@dataclass
+class Blob:
+    """A serialized large object, identified by the hash of its bytes."""
+
+    key: str
+    data: bytes
+
+
+class BlobRegistry:
+    """Client-side: serialize each large object once and remember it by identity and content.
+
+    Objects that support weak references (arrays, functions) are remembered until
+    they are garbage collected; others (bytes) are kept for the registry's life.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_id: dict[int, tuple[Any, str]] = {}
+        self._blobs: dict[str, Blob] = {}
+
+    def key_for(self, obj: object) -> str | None:
+        """Return the blob key for ``obj`` if it should travel as a blob, else ``None``."""
+        if not (_by_value(obj) or _is_large(obj)):
+            return None
+        entry = self._by_id.get(id(obj))
+        if entry is not None:
+            ref, key = entry
+            if (ref() if isinstance(ref, weakref.ref) else ref) is obj:
+                return key
+        data = cloudpickle.dumps(obj, protocol=PICKLE_PROTOCOL)
+        key = hashlib.blake2b(data, digest_size=16).hexdigest()
+        ident = id(obj)
+        try:
+            ref: Any = weakref.ref(obj, lambda _, ident=ident: self._by_id.pop(ident, None))
+        except TypeError:
+            ref = obj
+        with self._lock:
+            self._by_id[ident] = (ref, key)
+            self._blobs.setdefault(key, Blob(key, data))
+        return key
+
+    def get(self, key: str) -> Blob:
+        """The blob for ``key`` (it stays available while this registry lives)."""
+        return self._blobs[key]
+
+    def clear(self) -> None:
+        """Forget every blob."""
+        with self._lock:
+            self._by_id.clear()
+            self._blobs.clear()
+
+
+class _TaskPickler(cloudpickle.Pickler):
+    def __init__(self, file: IO[bytes], registry: BlobRegistry) -> None:
+        super().__init__(file, protocol=PICKLE_PROTOCOL)
+        self._registry = registry
+        self.keys: list[str] = []
+
+    def persistent_id(self, obj: object) -> str | None:  # type: ignore[override]
+        key = self._registry.key_for(obj)
+        if key is not None:
+            self.keys.append(key)
+        return key
+
+
+class UnpicklableTaskError(TypeError):
+    """A task (function or argument) cannot be serialized for the cluster."""
+
+
+def dumps_task(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+               registry: BlobRegistry) -> tuple[bytes, tuple[str, ...]]:
+    """Serialize a call; return the payload and the blob keys it references."""
+    buffer = io.BytesIO()
+    pickler = _TaskPickler(buffer, registry)
+    try:
+        pickler.dump((fn, args, kwargs))
+    except Exception as exc:
+        name = getattr(fn, "__qualname__", repr(fn))
+        raise UnpicklableTaskError(
+            f"cannot send task {name} to the cluster: {type(exc).__name__}: {exc}. Tasks and "
+            "their arguments must be picklable by cloudpickle: avoid locks, open files, "
+            "sockets and generators in arguments, or create them inside the task"
+        ) from exc
+    return buffer.getvalue(), tuple(dict.fromkeys(pickler.keys))
+
+
+class MissingBlobError(LookupError):
+    """A task references a blob the agent does not hold."""
+
+
+class _TaskUnpickler(pickle.Unpickler):
+    def __init__(self, file: IO[bytes], blobs: dict[str, Any]) -> None:
+        super().__init__(file)
+        self._blobs = blobs
+
+    def persistent_load(self, pid: Any) -> Any:
+        try:
+            return self._blobs[pid]
+        except KeyError:
+            raise MissingBlobError(pid) from None
+
+
+def loads_task(payload: bytes, blobs: dict[str, Any]) -> Any:
+    """Deserialize a task payload, resolving blob references from ``blobs``."""
+    return _TaskUnpickler(io.BytesIO(payload), blobs).load()
+
+
+def dumps_result(value: object) -> bytes:
+    """Serialize a task's return value."""
+    return cloudpickle.dumps(value, protocol=PICKLE_PROTOCOL)
+
+
+def dumps_error(exc: BaseException, where: str) -> bytes:
+    """Serialize an exception with its traceback text so the client can re-raise it."""
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        pickled: bytes | None = cloudpickle.dumps(exc, protocol=PICKLE_PROTOCOL)
+        pickle.loads(pickled)
+    except Exception:
+        pickled = None
+    return pickle.dumps(
+        (f"{type(exc).__module__}.{type(exc).__qualname__}", str(exc), text, pickled, where),
+        protocol=PICKLE_PROTOCOL,
+    )
+
+
+def loads_error(payload: bytes) -> BaseException:
+    """Rebuild a remote exception; its remote traceback is attached as a note."""
+    type_name, message, text, pickled, where = pickle.loads(payload)
+    exc: BaseException | None = None
+    if pickled is not None:
+        try:
+            exc = pickle.loads(pickled)
+        except Exception:
+            exc = None
+    if not isinstance(exc, BaseException):
+        exc = RemoteError(f"{type_name}: {message}")
+    note = f"Remote traceback (on {where}):\n{text.rstrip()}"
+    if hasattr(exc, "add_note"):
+        exc.add_note(note)
+    else:  # Python 3.10
+        exc.__notes__ = [*getattr(exc, "__notes__", []), note]  # type: ignore[attr-defined]
+    exc.remote_traceback = text  # type: ignore[attr-defined]
+    return exc

@@ -1,0 +1,1 @@
+"""Loopback OpenSSH test hosts (filled by the SSH provider work)."""

@@ -1,0 +1,1 @@
+"""Benchmarks: Skyward against its peers on the same work, in the same run."""

@@ -1,0 +1,1 @@
+"""Skyward's scikit-learn plugin (filled in by the sklearn work)."""

@@ -21,9 +21,9 @@ from contextlib import ExitStack
 from types import TracebackType
 from typing import Any, TypeVar
 
-from skyward import plugins as _plugins
 from skyward import wire
 from skyward.node import Node, NodeStartError
+from skyward.plugins import around_client, compose_image, manager
 from skyward.providers import ClusterSpec, Provider
 from skyward.providers.local import Local
 from skyward.scheduler import Scheduler
@@ -103,7 +103,7 @@ class Compute(Executor):
             raise TypeError(f"Compute(worker=...) must be a sky.Worker, got {self.worker!r}")
         self.base_image = image if image is not None else Image()
         self.plugins: list[object] = list(plugins)
-        self._pm = _plugins.manager(self.plugins)
+        self._pm = manager(self.plugins)
         self.node_count = nodes
         self.vcpus = vcpus
         self.memory = memory
@@ -149,15 +149,22 @@ class Compute(Executor):
         self._started_at = time.monotonic()
         log.info(
             "cluster %s ready: %d node(s), %d slot(s) in %.2fs",
-            self.cluster_id, len(self.nodes), self.total_slots, self._started_at - started,
+            self.cluster_id,
+            len(self.nodes),
+            self.total_slots,
+            self._started_at - started,
         )
         return self
 
     def _start(self, stack: ExitStack) -> None:
-        self.image = _plugins.compose_image(self.base_image, self._pm, self.plugins)
+        self.image = compose_image(self.base_image, self._pm, self.plugins)
         spec = ClusterSpec(
-            nodes=self.node_count, worker=self.worker, image=self.image,
-            cluster_id=self.cluster_id, vcpus=self.vcpus, memory=self.memory,
+            nodes=self.node_count,
+            worker=self.worker,
+            image=self.image,
+            cluster_id=self.cluster_id,
+            vcpus=self.vcpus,
+            memory=self.memory,
         )
         self.provider.check(spec)
         stack.callback(self._blobs.clear)
@@ -176,7 +183,7 @@ class Compute(Executor):
         stack.callback(monitor.join, 5)
         stack.callback(self._monitor_stop.set)
         _register(self, stack)
-        stack.enter_context(_plugins.around_client(self, self._pm, self.plugins))
+        stack.enter_context(around_client(self, self._pm, self.plugins))
 
     def _connect(self, launchers: list[Any]) -> list[Node]:
         config = {
@@ -234,8 +241,9 @@ class Compute(Executor):
                 silent = now - node.last_heard
                 if silent > self.heartbeat_timeout:
                     scheduler.node_lost(
-                        node, f"no heartbeat for {silent:.1f}s (heartbeat_timeout="
-                        f"{self.heartbeat_timeout}s)"
+                        node,
+                        f"no heartbeat for {silent:.1f}s (heartbeat_timeout="
+                        f"{self.heartbeat_timeout}s)",
                     )
                     threading.Thread(target=node.stop, kwargs={"kill": True}, daemon=True).start()
                 else:
@@ -308,7 +316,7 @@ class Compute(Executor):
             raise ValueError(f"chunksize must be >= 1, got {chunksize}")
         if chunksize == 1:
             return super().map(fn, *iterables, timeout=timeout)
-        chunks = _chunks(zip(*iterables), chunksize)
+        chunks = _chunks(zip(*iterables, strict=False), chunksize)
         inner = super().map(_ChunkRunner(fn), chunks, timeout=timeout)
         return (value for chunk in inner for value in chunk)
 
@@ -416,4 +424,3 @@ def _shutdown_all() -> None:
             compute.shutdown(wait=False, cancel_futures=True)
         except Exception:  # noqa: BLE001 - best effort at interpreter exit
             log.exception("failed to stop cluster %s at exit", compute.cluster_id)
-

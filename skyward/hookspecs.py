@@ -18,8 +18,10 @@ hookimpl = pluggy.HookimplMarker("skyward")
 @hookspec(firstresult=True)
 def transform_image(image: Image) -> Image:
     """Return the worker image with this plugin's packages, pins and environment added."""
+    raise NotImplementedError
 
 
 @hookspec(firstresult=True)
 def around_client(compute: Compute) -> AbstractContextManager[Any]:
     """Return a context manager entered once the cluster is up and left before it stops."""
+    raise NotImplementedError

@@ -116,18 +116,14 @@ class Node:
                     if key not in self._sent_blobs:
                         self._sent_blobs.add(key)
                         frames.append(self._blob_frame(key))
-            frames.append(
-                wire.encode_obj(Kind.TASK, [(r.id, r.keys, r.payload) for r in records])
-            )
+            frames.append(wire.encode_obj(Kind.TASK, [(r.id, r.keys, r.payload) for r in records]))
             self.outbox.put(b"".join(frames))
 
     def _blob_frame(self, key: str) -> bytes:
         blob = self.blobs.get(key)
         self.blobs_sent += 1
         self.blob_bytes_sent += len(blob.data)
-        return wire.encode(
-            Kind.BLOB, pickle.dumps((key, blob.data), protocol=wire.PICKLE_PROTOCOL)
-        )
+        return wire.encode(Kind.BLOB, pickle.dumps((key, blob.data), protocol=wire.PICKLE_PROTOCOL))
 
     def resend_blob(self, key: str) -> None:
         """The agent evicted a blob a task needs: send it again."""
@@ -204,4 +200,3 @@ class Node:
             "blob_requests": self.blob_requests,
             **self.agent_stats,
         }
-

@@ -33,7 +33,7 @@ class WorkerDiedError(RuntimeError):
     """A task killed the worker that ran it on every attempt."""
 
 
-class SkywardFuture(Future):  # type: ignore[type-arg]
+class SkywardFuture(Future[Any]):
     """A :class:`concurrent.futures.Future` whose :meth:`cancel` also stops running tasks."""
 
     _record: TaskRecord | None = None
@@ -51,7 +51,7 @@ class SkywardFuture(Future):  # type: ignore[type-arg]
             self._condition.notify_all()
         if running and self._scheduler is not None and self._record is not None:
             self._scheduler.cancel_running(self._record)
-        self._invoke_callbacks()
+        self._invoke_callbacks()  # type: ignore[attr-defined]
         return True
 
 
@@ -60,8 +60,9 @@ class TaskRecord:
 
     __slots__ = ("id", "payload", "keys", "future", "attempts", "node", "started", "name", "deaths")
 
-    def __init__(self, task_id: int, payload: bytes, keys: tuple[str, ...], future: SkywardFuture,
-                 name: str) -> None:
+    def __init__(
+        self, task_id: int, payload: bytes, keys: tuple[str, ...], future: SkywardFuture, name: str
+    ) -> None:
         self.id = task_id
         self.payload = payload
         self.keys = keys
@@ -236,9 +237,9 @@ class Scheduler:
             records = sorted(node.inflight.values(), key=lambda r: r.id)
             node.inflight.clear()
             for record in reversed(records):
-                if not self._retry(record, f"{node.name} was lost ({reason})"):
-                    if not record.future.cancelled():
-                        failed.append((record, _lost_error(record, self.max_retries)))
+                retried = self._retry(record, f"{node.name} was lost ({reason})")
+                if not retried and not record.future.cancelled():
+                    failed.append((record, _lost_error(record, self.max_retries)))
             if not any(n.alive for n in self.nodes) and not self.closed:
                 message = _no_workers_message(self.nodes)
                 while self._queue:

@@ -105,7 +105,9 @@ class Image:
 
     def __post_init__(self) -> None:
         if isinstance(self.pip, str):
-            raise TypeError(f"Image(pip=...) takes a list of requirements, got the string {self.pip!r}")
+            raise TypeError(
+                f"Image(pip=...) takes a list of requirements, got the string {self.pip!r}"
+            )
         object.__setattr__(self, "pip", tuple(self.pip))
         object.__setattr__(self, "env", dict(self.env))
         if not re.fullmatch(r"3\.\d+", self.python):
@@ -191,5 +193,6 @@ def deduplicated(image: Image) -> Image:
         name = requirement_name(requirement)
         if name not in chosen or _requirement_spec(requirement):
             chosen[name] = requirement
-    return Image(python=image.python, pip=tuple(chosen.values()), env=image.env,
-                 wheelhouse=image.wheelhouse)
+    return Image(
+        python=image.python, pip=tuple(chosen.values()), env=image.env, wheelhouse=image.wheelhouse
+    )

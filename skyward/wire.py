@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
+from functools import partial
 from typing import IO, Any
 
 import cloudpickle
@@ -130,7 +131,9 @@ def _read_exact(stream: IO[bytes], n: int) -> bytes | None:
 class Outbox:
     """Frames queued for the peer; one writer thread coalesces them into few writes."""
 
-    def __init__(self, stream: IO[bytes], on_broken: Callable[[], object], name: str = "skyward-outbox") -> None:
+    def __init__(
+        self, stream: IO[bytes], on_broken: Callable[[], object], name: str = "skyward-outbox"
+    ) -> None:
         self._stream = stream
         self._frames: deque[bytes] = deque()
         self._ready = threading.Condition()
@@ -180,7 +183,6 @@ class Outbox:
             except (OSError, ValueError):
                 self._on_broken()
                 return
-
 
 
 # --- versions -----------------------------------------------------------------------------
@@ -240,12 +242,12 @@ def _is_large(obj: object) -> bool:
     module = cls.__module__
     if module == "numpy":
         return cls.__name__ == "ndarray" and obj.nbytes >= BLOB_THRESHOLD  # type: ignore[attr-defined]
-    if module.startswith("pandas.core."):
-        if cls.__name__ in ("DataFrame", "Series"):
-            try:
-                return int(obj.memory_usage(deep=False, index=True).sum()) >= BLOB_THRESHOLD  # type: ignore[attr-defined]
-            except Exception:
-                return False
+    if module.startswith("pandas.core.") and cls.__name__ in ("DataFrame", "Series"):
+        try:
+            usage = obj.memory_usage(deep=False, index=True)  # type: ignore[attr-defined]
+            return int(getattr(usage, "sum", lambda: usage)()) >= BLOB_THRESHOLD
+        except Exception:
+            return False
     if module.startswith("scipy.sparse"):
         data = getattr(obj, "data", None)
         return getattr(data, "nbytes", 0) >= BLOB_THRESHOLD
@@ -291,20 +293,27 @@ class BlobRegistry:
             return None
         entry = self._by_id.get(id(obj))
         if entry is not None:
-            ref, key = entry
-            if (ref() if isinstance(ref, weakref.ref) else ref) is obj:
-                return key
+            held, known = entry
+            if (held() if isinstance(held, weakref.ref) else held) is obj:
+                return known
         data = cloudpickle.dumps(obj, protocol=PICKLE_PROTOCOL)
         key = hashlib.blake2b(data, digest_size=16).hexdigest()
         ident = id(obj)
+        ref: Any
         try:
-            ref: Any = weakref.ref(obj, lambda _, ident=ident: self._by_id.pop(ident, None))
+            ref = weakref.ref(obj, partial(self._forget, ident))
         except TypeError:
             ref = obj
         with self._lock:
             self._by_id[ident] = (ref, key)
             self._blobs.setdefault(key, Blob(key, data))
         return key
+
+    def _forget(self, ident: int, ref: weakref.ref[Any]) -> None:
+        with self._lock:
+            entry = self._by_id.get(ident)
+            if entry is not None and entry[0] is ref:
+                del self._by_id[ident]
 
     def get(self, key: str) -> Blob:
         """The blob for ``key`` (it stays available while this registry lives)."""
@@ -323,7 +332,7 @@ class _TaskPickler(cloudpickle.Pickler):
         self._registry = registry
         self.keys: list[str] = []
 
-    def persistent_id(self, obj: object) -> str | None:  # type: ignore[override]
+    def persistent_id(self, obj: object) -> str | None:
         key = self._registry.key_for(obj)
         if key is not None:
             self.keys.append(key)
@@ -334,8 +343,9 @@ class UnpicklableTaskError(TypeError):
     """A task (function or argument) cannot be serialized for the cluster."""
 
 
-def dumps_task(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-               registry: BlobRegistry) -> tuple[bytes, tuple[str, ...]]:
+def dumps_task(
+    fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], registry: BlobRegistry
+) -> tuple[bytes, tuple[str, ...]]:
     """Serialize a call; return the payload and the blob keys it references."""
     buffer = io.BytesIO()
     pickler = _TaskPickler(buffer, registry)
@@ -380,8 +390,9 @@ def dumps_result(value: object) -> bytes:
 def dumps_error(exc: BaseException, where: str) -> bytes:
     """Serialize an exception with its traceback text so the client can re-raise it."""
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    pickled: bytes | None
     try:
-        pickled: bytes | None = cloudpickle.dumps(exc, protocol=PICKLE_PROTOCOL)
+        pickled = cloudpickle.dumps(exc, protocol=PICKLE_PROTOCOL)
         pickle.loads(pickled)
     except Exception:
         pickled = None
@@ -406,6 +417,6 @@ def loads_error(payload: bytes) -> BaseException:
     if hasattr(exc, "add_note"):
         exc.add_note(note)
     else:  # Python 3.10
-        exc.__notes__ = [*getattr(exc, "__notes__", []), note]  # type: ignore[attr-defined]
+        exc.__notes__ = [*getattr(exc, "__notes__", []), note]
     exc.remote_traceback = text  # type: ignore[attr-defined]
     return exc

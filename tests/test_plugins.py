@@ -1,0 +1,126 @@
+"""Plugin discovery, image composition and around_client ordering."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import skyward as sky
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Recorder:
+    """A plugin defined inline: records enter/exit, optionally fails on enter."""
+
+    def __init__(self, name: str, log: list[Any], fail: bool = False, pin: str | None = None):
+        self.name = name
+        self.log = log
+        self.fail = fail
+        self.pin = pin
+
+    @sky.hookimpl
+    def transform_image(self, image: sky.Image) -> sky.Image:
+        return image.with_pip(self.pin) if self.pin else image
+
+    @sky.hookimpl
+    def around_client(self, compute: sky.Compute) -> contextlib.AbstractContextManager[None]:
+        @contextlib.contextmanager
+        def context() -> Iterator[None]:
+            if self.fail:
+                self.log.append(("fail", self.name))
+                raise RuntimeError(f"{self.name} cannot start")
+            self.log.append(("enter", self.name))
+            try:
+                yield
+            finally:
+                self.log.append(("exit", self.name))
+
+        return context()
+
+
+def test_third_party_plugin_is_discovered_through_its_entry_point() -> None:
+    assert "hello" in dir(sky.plugins)
+    log: list[Any] = []
+    plugin = sky.plugins.hello(package="six", log=log, name="hello")
+    with sky.Compute(nodes=1, plugins=[plugin]) as compute:
+        assert "six" in compute.image.pip
+        assert log == [("enter", "hello")]
+    assert log == [("enter", "hello"), ("exit", "hello")]
+
+
+def test_cli_lists_installed_plugins_with_distribution_and_version() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "skyward", "plugins"], capture_output=True, text=True, check=True
+    ).stdout
+    line = next(row for row in out.splitlines() if row.startswith("hello"))
+    assert line.split() == ["hello", "skyward-hello", "0.2.0"]
+
+
+def test_unknown_plugin_name_lists_installed_plugins() -> None:
+    with pytest.raises(AttributeError, match=r"no Skyward plugin named 'nope'.*hello"):
+        sky.plugins.nope  # noqa: B018
+
+
+def test_around_client_enters_in_order_and_exits_in_reverse() -> None:
+    log: list[Any] = []
+    plugins = [Recorder(n, log) for n in ("a", "b", "c")]
+    with sky.Compute(nodes=1, plugins=plugins):
+        log.append(("body", ""))
+    assert log == [
+        ("enter", "a"), ("enter", "b"), ("enter", "c"), ("body", ""),
+        ("exit", "c"), ("exit", "b"), ("exit", "a"),
+    ]
+
+
+def test_plugin_failing_on_enter_unwinds_the_ones_already_entered(no_agents_left: None) -> None:
+    log: list[Any] = []
+    plugins = [Recorder("a", log), Recorder("b", log, fail=True), Recorder("c", log)]
+    with pytest.raises(RuntimeError, match="b cannot start"):
+        with sky.Compute(nodes=1, plugins=plugins):
+            log.append(("body", ""))
+    assert log == [("enter", "a"), ("fail", "b"), ("exit", "a")]
+
+
+def test_exception_in_block_still_exits_every_plugin() -> None:
+    log: list[Any] = []
+    with pytest.raises(KeyError):
+        with sky.Compute(nodes=1, plugins=[Recorder("a", log), Recorder("b", log)]):
+            raise KeyError("x")
+    assert log[-2:] == [("exit", "b"), ("exit", "a")]
+
+
+def test_transform_image_applies_in_list_order() -> None:
+    log: list[Any] = []
+    a, b = Recorder("a", log, pin="numpy>=1"), Recorder("b", log, pin="six")
+    with sky.Compute(nodes=1, plugins=[a, b], image=sky.Image(pip=["lz4"])) as compute:
+        assert compute.image.pip == ("lz4", "numpy>=1", "six")
+
+
+def test_conflicting_pins_name_both_plugins_and_both_pins() -> None:
+    log: list[Any] = []
+    a, b = Recorder("first", log, pin="joblib==1.3.0"), Recorder("second", log, pin="joblib==1.4.0")
+    with pytest.raises(sky.PinConflictError) as info:
+        sky.Compute(nodes=1, plugins=[a, b]).__enter__()
+    message = str(info.value)
+    for part in ("'first'", "'second'", "joblib==1.3.0", "joblib==1.4.0"):
+        assert part in message
+    assert log == []  # nothing was started
+
+
+def test_same_pin_twice_is_not_a_conflict() -> None:
+    a, b = Recorder("a", [], pin="six==1.16.0"), Recorder("b", [], pin="six==1.16.0")
+    with sky.Compute(nodes=1, plugins=[a, b]) as compute:
+        assert compute.image.pip == ("six==1.16.0",)
+
+
+def test_object_without_hooks_is_rejected() -> None:
+    with pytest.raises(sky.PluginError, match="implements no Skyward hook"):
+        sky.Compute(plugins=[object()])
+    with pytest.raises(sky.PluginError, match=r"sky.plugins.joblib\(\)"):
+        sky.Compute(plugins=["joblib"])  # type: ignore[list-item]

@@ -12,6 +12,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from benchmarks import report
 from benchmarks.common import Row, markdown
 
 ALL = ["throughput"]
@@ -20,6 +21,7 @@ ALL = ["throughput"]
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks")
     parser.add_argument("--quick", action="store_true", help="small sizes, for a 5-minute run")
+    parser.add_argument("--docs", action="store_true", help="render docs/benchmarks.md after")
     parser.add_argument("names", nargs="*", help=f"benchmarks to run (default: {' '.join(ALL)})")
     args = parser.parse_args()
     rows: list[Row] = []
@@ -46,9 +48,12 @@ def main() -> int:
         "machine": f"{platform.machine()} {os.cpu_count()} cores",
         "python": platform.python_version(),
     }
+    meta.update(report.environment())
     path = out / f"{stamp}{'-quick' if args.quick else ''}.json"
     path.write_text(json.dumps({"meta": meta, "rows": [r.as_dict() for r in rows]}, indent=2))
     print(f"\nwrote {path}")
+    if args.docs:
+        print(f"wrote {report.write(path)}")
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
         return 1

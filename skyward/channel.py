@@ -8,13 +8,17 @@ above this module (nodes, scheduler, Compute) is the same for all of them.
 
 from __future__ import annotations
 
+import io
 import logging
 import subprocess
 import sys
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
-from typing import IO
+from collections.abc import Callable, Iterable, Iterator
+from typing import IO, TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import paramiko
 
 log = logging.getLogger("skyward.worker")
 
@@ -115,3 +119,124 @@ class PipeChannel(Channel):
                     stream.close()
             except (OSError, ValueError):
                 pass
+
+
+AGENT_PID_MARK = b"skyward-agent-pid "
+"""First stderr line of an SSH-started agent: the remote shell's pid, which ``exec`` keeps."""
+
+
+class _ChannelIO(io.RawIOBase):
+    """A paramiko channel's stdin/stdout as a raw binary stream (buffered by the caller)."""
+
+    def __init__(self, channel: paramiko.Channel) -> None:
+        self._channel = channel
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        data = self._channel.recv(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def write(self, data: bytes) -> int:  # type: ignore[override]
+        self._channel.sendall(data)
+        return len(data)
+
+
+def _bounded(fn: Callable[[], object], timeout: float) -> bool:
+    """Run ``fn`` on a helper thread; return whether it finished within ``timeout``.
+
+    paramiko calls can block forever on a silently dropped connection; the caller
+    then closes the transport, which makes the stuck call fail and the thread end.
+    """
+
+    def run() -> None:
+        try:
+            fn()
+        except Exception:  # noqa: BLE001 - a failed best-effort step is a finished one
+            pass
+
+    thread = threading.Thread(target=run, name="skyward-ssh-bounded", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return not thread.is_alive()
+
+
+class SSHChannel(Channel):
+    """An agent started in an SSH exec channel: its stdin/stdout carry the frames.
+
+    The agent's stderr is forwarded like a local agent's. ``kill`` kills the
+    remote process group (when the connection still works) and then closes the
+    SSH transport, so neither ``kill`` nor ``close`` can hang on a dead network;
+    the agent also exits by itself when the connection goes, as its stdin ends.
+    """
+
+    def __init__(self, name: str, channel: paramiko.Channel) -> None:
+        self.name = name
+        self.channel = channel
+        self._pid: int | None = None
+        self._pid_seen = threading.Event()
+        raw = _ChannelIO(channel)
+        self.reader = io.BufferedReader(raw, 1 << 16)
+        self.writer = raw  # type: ignore[assignment]  # Outbox coalesces writes already
+        self._stderr = forward_lines(name, self._stderr_lines(channel.makefile_stderr("rb")))
+
+    def _stderr_lines(self, stream: Iterable[bytes]) -> Iterator[bytes]:
+        for line in stream:
+            if self._pid is None and line.startswith(AGENT_PID_MARK):
+                try:
+                    self._pid = int(line[len(AGENT_PID_MARK) :])
+                except ValueError:
+                    yield line
+                self._pid_seen.set()
+                continue
+            yield line
+        self._pid_seen.set()
+
+    @property
+    def pid(self) -> int | None:
+        """The agent's process id on the remote host, once its first stderr line arrived."""
+        self._pid_seen.wait(1.0)
+        return self._pid
+
+    def close(self, timeout: float = 2.0) -> None:
+        def finish() -> None:
+            self.channel.shutdown_write()  # EOF on the agent's stdin: it exits
+            self.channel.status_event.wait(timeout)
+
+        if _bounded(finish, timeout + 1.0) and self.channel.exit_status_ready():
+            _bounded(self.channel.close, 2.0)
+            self._release()
+        else:
+            self.kill()
+
+    def kill(self) -> None:
+        transport = self.channel.get_transport()
+        pid = self._pid
+        if pid is not None and transport is not None and transport.is_active():
+            _bounded(lambda: _remote_kill(transport, pid), 3.0)
+        if transport is not None:
+            _bounded(transport.close, 5.0)
+        self._release()
+
+    def _release(self) -> None:
+        self._stderr.join(1)
+        try:
+            self.reader.close()
+        except (OSError, ValueError):
+            pass
+
+
+def _remote_kill(transport: paramiko.Transport, pid: int) -> None:
+    session = transport.open_session(timeout=2.0)
+    try:
+        # The agent leads its own process group (sshd starts each session with setsid):
+        # this also stops the process-executor slots.
+        session.exec_command(f"kill -9 -- -{pid} {pid} 2>/dev/null")
+        session.status_event.wait(2.0)
+    finally:
+        session.close()

@@ -1,0 +1,345 @@
+"""``sky.SSH(hosts=[...])``: nodes on machines you already have, reached over SSH.
+
+Each node is one paramiko connection. The host's environment is prepared by
+:mod:`skyward.bootstrap`, then the agent runs in an exec channel whose
+stdin/stdout carry the same frames as a local agent's pipes. Nothing listens
+on the hosts: the SSH channel is the only way in, and the agent exits when it
+closes. Host keys are checked against ``known_hosts`` (``RejectPolicy``): an
+unknown or changed key is an error that says how to trust the host.
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import os
+import re
+import shlex
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+
+import paramiko
+
+from skyward import bootstrap
+from skyward.channel import AGENT_PID_MARK, Channel, SSHChannel
+from skyward.node import NodeStartError
+from skyward.providers import ClusterSpec, Launcher, Provider
+from skyward.spec import Image
+
+log = logging.getLogger("skyward.bootstrap")
+
+DEFAULT_ENV_ROOT = "~/.cache/skyward/envs"
+DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
+# A frame stream benefits from a large window: big blobs flow without waiting for acks.
+WINDOW_SIZE = 16 * 1024 * 1024
+MAX_PACKET = 32 * 1024
+
+
+class HostKeyError(NodeStartError):
+    """The host's SSH key is unknown or differs from the trusted one."""
+
+
+@dataclass(frozen=True)
+class Host:
+    """One parsed entry of ``SSH(hosts=[...])``."""
+
+    hostname: str
+    port: int
+    username: str | None
+
+    @classmethod
+    def parse(cls, text: str, user: str | None, port: int) -> Host:
+        """Parse ``host``, ``user@host``, ``host:port``, ``user@[v6addr]:port``."""
+        match = re.fullmatch(
+            r"(?:(?P<user>[^@\s]+)@)?(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:@\s\[\]]+))(?::(?P<port>\d+))?",
+            text.strip(),
+        )
+        if match is None:
+            raise ValueError(
+                f"invalid SSH host {text!r}: use 'host', 'user@host', 'host:port' or "
+                "'user@[ipv6]:port'"
+            )
+        return cls(
+            hostname=match.group("v6") or match.group("host"),
+            port=int(match.group("port") or port),
+            username=match.group("user") or user,
+        )
+
+    @property
+    def label(self) -> str:
+        """``host`` or ``host:port`` (the node name)."""
+        return self.hostname if self.port == 22 else f"{self.hostname}:{self.port}"
+
+
+@dataclass(frozen=True)
+class SSH(Provider):
+    """Run one node on each of ``hosts`` over SSH.
+
+    Args:
+        hosts: ``"host"``, ``"user@host"``, ``"host:port"`` entries; ``Compute(nodes=n)``
+            uses the first ``n`` of them.
+        user: login name for hosts that do not give one (default: your local user name).
+        port: SSH port for hosts that do not give one.
+        key_filename: private key file; by default your SSH agent and ``~/.ssh/id_*``.
+        known_hosts: file of trusted host keys (default ``~/.ssh/known_hosts``).
+        python: interpreter on the hosts used to create the environment; it must be the
+            client's Python minor version.
+        connect_timeout: seconds to connect and authenticate to each host.
+        env_root: folder on the hosts holding one environment per image.
+    """
+
+    hosts: Sequence[str]
+    user: str | None = None
+    port: int = 22
+    key_filename: str | None = None
+    known_hosts: str | None = None
+    python: str = "python3"
+    connect_timeout: float = 30.0
+    env_root: str = DEFAULT_ENV_ROOT
+    _parsed: tuple[Host, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.hosts, str):
+            raise TypeError(f"SSH(hosts=...) takes a list of hosts, got the string {self.hosts!r}")
+        hosts = tuple(self.hosts)
+        if not hosts:
+            raise ValueError("SSH(hosts=[]) is empty: give at least one 'user@host'")
+        object.__setattr__(self, "hosts", hosts)
+        object.__setattr__(
+            self, "_parsed", tuple(Host.parse(h, self.user, self.port) for h in hosts)
+        )
+
+    def check(self, spec: ClusterSpec) -> None:
+        """Refuse more nodes than hosts."""
+        if spec.nodes > len(self.hosts):
+            raise ValueError(
+                f"Compute(nodes={spec.nodes}) needs {spec.nodes} hosts but sky.SSH has "
+                f"{len(self.hosts)}: pass nodes={len(self.hosts)} or fewer, or add hosts"
+            )
+
+    def launch(self, spec: ClusterSpec, cleanup: ExitStack) -> list[Launcher]:
+        """One launcher per node on the first ``spec.nodes`` hosts; connections close on exit."""
+        labels = [h.label for h in self._parsed[: spec.nodes]]
+        launchers: list[Launcher] = []
+        for i, host in enumerate(self._parsed[: spec.nodes]):
+            name = host.label
+            if labels.count(name) > 1:
+                name = f"{name}#{labels[:i].count(name) + 1}"
+            launcher = HostLauncher(
+                name,
+                host.hostname,
+                host.port,
+                host.username,
+                image=spec.image,
+                key_filename=self.key_filename,
+                known_hosts=self.known_hosts,
+                python=self.python,
+                connect_timeout=self.connect_timeout,
+                env_root=self.env_root,
+            )
+            cleanup.callback(launcher.close)
+            launchers.append(launcher)
+        return launchers
+
+
+class _Reject(paramiko.MissingHostKeyPolicy):
+    def __init__(self, name: str, source: str) -> None:
+        self.name = name
+        self.source = source
+
+    def missing_host_key(
+        self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey
+    ) -> None:
+        raise HostKeyError(
+            f"{self.name}: host key not trusted: {hostname} is not in {self.source}. It offered "
+            f"a {key.get_name()} key with fingerprint {key.fingerprint}. If that is the "
+            f"host's key (check with `ssh-keygen -lf /etc/ssh/ssh_host_*_key.pub` on it), "
+            f"trust it with `ssh-keyscan{_port_flag(hostname)} {_bare(hostname)} >> "
+            f"~/.ssh/known_hosts` or pass sky.SSH(known_hosts='file') (step: connect)"
+        )
+
+
+def _bare(hostname: str) -> str:
+    match = re.fullmatch(r"\[(.+)\]:(\d+)", hostname)
+    return match.group(1) if match else hostname
+
+
+def _port_flag(hostname: str) -> str:
+    match = re.fullmatch(r"\[(.+)\]:(\d+)", hostname)
+    return f" -p {match.group(2)}" if match else ""
+
+
+class HostLauncher(Launcher):
+    """Connects to one host, prepares its environment and starts the agent there.
+
+    Args:
+        name: the node name (prefix of its forwarded output).
+        hostname, port, username: where to log in (username defaults to the local user).
+        image: what the node's environment holds.
+        pkey, key_filename: client key (else the SSH agent and ``~/.ssh/id_*``).
+        host_keys: pinned host keys; when given, only these are accepted.
+        known_hosts: trusted host keys file when ``host_keys`` is not given
+            (default ``~/.ssh/known_hosts``).
+        python: interpreter on the host that creates the environment.
+        connect_timeout: seconds to connect and authenticate.
+        env_root: folder on the host holding the environments.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        hostname: str,
+        port: int = 22,
+        username: str | None = None,
+        *,
+        image: Image,
+        pkey: paramiko.PKey | None = None,
+        key_filename: str | None = None,
+        host_keys: paramiko.HostKeys | None = None,
+        known_hosts: str | None = None,
+        python: str = "python3",
+        connect_timeout: float = 30.0,
+        env_root: str = DEFAULT_ENV_ROOT,
+    ) -> None:
+        self.name = name
+        self.hostname = hostname
+        self.port = port
+        self.username = username or getpass.getuser()
+        self.image = image
+        self.pkey = pkey
+        self.key_filename = key_filename
+        self.host_keys = host_keys
+        self.known_hosts = known_hosts
+        self.python = python
+        self.connect_timeout = connect_timeout
+        self.env_root = env_root
+        self._client: paramiko.SSHClient | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<HostLauncher {self.name} {self.username}@{self.hostname}:{self.port}>"
+
+    def _log(self, step: str, message: str) -> None:
+        log.info("%s: %s", self.name, message, extra={"host": self.name, "step": step})
+
+    def _fail(self, step: str, message: str) -> NodeStartError:
+        return NodeStartError(f"{self.name}: {message} (step: {step})")
+
+    def open(self) -> Channel:
+        """Connect, prepare the environment, start the agent; return its channel."""
+        try:
+            client = self._connect()
+            try:
+                python = bootstrap.prepare(
+                    client, self.name, self.image, self.python, self.env_root, self._log
+                )
+            except bootstrap.BootstrapError as exc:
+                raise self._fail(exc.step, str(exc)) from exc
+            return self._start_agent(client, python)
+        except BaseException:
+            self.close()
+            raise
+
+    def _connect(self) -> paramiko.SSHClient:
+        t0 = time.monotonic()
+        self._log("connect", f"connecting to {self.username}@{self.hostname}:{self.port}")
+        client = paramiko.SSHClient()
+        if self.host_keys is not None:
+            keys = client.get_host_keys()
+            for entry, by_type in self.host_keys.items():
+                for key in by_type.values():
+                    keys.add(entry, key.get_name(), key)
+            source = "the pinned host keys"
+        else:
+            path = os.path.expanduser(self.known_hosts or DEFAULT_KNOWN_HOSTS)
+            if os.path.exists(path):
+                client.load_host_keys(path)
+            elif self.known_hosts is not None:
+                raise self._fail("connect", f"known_hosts file {path} does not exist")
+            source = path
+        client.set_missing_host_key_policy(_Reject(self.name, source))
+        with self._lock:
+            if self._closed:
+                raise self._fail("connect", "the cluster is shutting down")
+            self._client = client
+        try:
+            sock = self._socket()
+            client.connect(
+                self.hostname,
+                self.port,
+                self.username,
+                pkey=self.pkey,
+                key_filename=self.key_filename,
+                timeout=self.connect_timeout,
+                banner_timeout=self.connect_timeout,
+                auth_timeout=self.connect_timeout,
+                sock=sock,
+                look_for_keys=self.pkey is None and self.key_filename is None,
+                allow_agent=self.pkey is None and self.key_filename is None,
+            )
+        except paramiko.BadHostKeyException as exc:
+            raise HostKeyError(
+                f"{self.name}: host key CHANGED: {source} has {exc.expected_key.get_name()} "
+                f"{exc.expected_key.fingerprint} but the host offered {exc.key.get_name()} "
+                f"{exc.key.fingerprint}. Someone may be intercepting the connection; if the "
+                f"host was reinstalled, remove the old key with `ssh-keygen -R "
+                f"{self._known_hosts_name()} -f {source}` and trust the new one "
+                "(step: connect)"
+            ) from None
+        except paramiko.AuthenticationException as exc:
+            raise self._fail(
+                "connect",
+                f"authentication as {self.username!r} failed ({exc}): pass "
+                "sky.SSH(key_filename=...) or load the key in your SSH agent, and check the "
+                "user name",
+            ) from None
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            raise self._fail(
+                "connect",
+                f"cannot connect to {self.hostname}:{self.port}: {type(exc).__name__}: {exc}",
+            ) from None
+        self._log("connect", f"connected in {time.monotonic() - t0:.2f}s")
+        return client
+
+    def _known_hosts_name(self) -> str:
+        return self.hostname if self.port == 22 else f"'[{self.hostname}]:{self.port}'"
+
+    def _socket(self) -> socket.socket:
+        sock = socket.create_connection((self.hostname, self.port), timeout=self.connect_timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if hasattr(socket, "TCP_USER_TIMEOUT"):
+            # Unacknowledged data for 30 s fails the connection instead of hanging it.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 30_000)
+        return sock
+
+    def _start_agent(self, client: paramiko.SSHClient, python: str) -> SSHChannel:
+        self._log("start agent", f"starting the agent with {python}")
+        # The remote login shell may be slow or print: it only runs sh, which announces its
+        # pid (kept by exec) on stderr and becomes the agent.
+        script = (
+            f"echo {AGENT_PID_MARK.decode()}$$ >&2; "
+            f"exec env PYTHONUNBUFFERED=1 {shlex.quote(python)} -m skyward.agent"
+        )
+        try:
+            transport = client.get_transport()
+            assert transport is not None
+            channel = transport.open_session(
+                window_size=WINDOW_SIZE, max_packet_size=MAX_PACKET, timeout=self.connect_timeout
+            )
+            channel.exec_command(f"exec sh -c {shlex.quote(script)}")
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            raise self._fail("start agent", f"{type(exc).__name__}: {exc}") from None
+        return SSHChannel(self.name, channel)
+
+    def close(self) -> None:
+        """Close the SSH connection (agents on it get EOF and exit). Idempotent."""
+        with self._lock:
+            self._closed = True
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()

@@ -25,6 +25,7 @@ from conftest import agent_processes, wait_until
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md"]
 PAGE_TIMEOUT = 60.0
+PYTHON = ("python", "py")
 
 SKIP = re.compile(r"^\s*<!--\s*docs-test:\s*skip\b(.*?)-->\s*$")
 SKIP_REASON = re.compile(r"^\s*\((?P<reason>[^)]*\S[^)]*)\)\s*$")
@@ -74,19 +75,39 @@ def blocks(path: Path) -> list[Block]:
     return found
 
 
+def skips_without_reason(page: Path) -> list[int]:
+    """Line numbers of skip markers on python blocks that give no reason."""
+    return [
+        b.line - 2
+        for b in blocks(page)
+        if b.language in PYTHON and b.skip is not None and not SKIP_REASON.match(b.skip)
+    ]
+
+
 def test_block_parser_reads_languages_markers_and_lines(tmp_path: Path) -> None:
     page = tmp_path / "page.md"
     page.write_text(
         "text\n```python\nif x:\n    x = 1\n```\n<!-- docs-test: skip (needs SSH hosts) -->\n"
-        "```python\ny = 2\n```\n```bash\nls\n```\n"
+        "```python\ny = 2\n```\n```bash\nls\n```\n- item\n\n    ```python\n    z = 3\n    ```\n"
     )
     got = blocks(page)
     assert [(b.line, b.language, b.source) for b in got] == [
         (3, "python", "if x:\n    x = 1\n"),
         (8, "python", "y = 2\n"),
         (11, "bash", "ls\n"),
+        (16, "python", "z = 3\n"),
     ]
-    assert [b.skip for b in got] == [None, " (needs SSH hosts) ", None]
+    assert [b.skip for b in got] == [None, " (needs SSH hosts) ", None, None]
+    assert skips_without_reason(page) == []
+
+
+def test_skip_marker_without_reason_is_reported(tmp_path: Path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text(
+        "<!-- docs-test: skip -->\n```python\nx = 1\n```\n"
+        "<!-- docs-test: skip () -->\n```python\ny = 1\n```\n"
+    )
+    assert skips_without_reason(page) == [1, 5]
 
 
 def _page_id(path: Path) -> str:
@@ -96,14 +117,11 @@ def _page_id(path: Path) -> str:
 @pytest.mark.timeout(PAGE_TIMEOUT + 30)
 @pytest.mark.parametrize("page", PAGES, ids=_page_id)
 def test_page_examples_run(page: Path, tmp_path: Path) -> None:
-    python = [b for b in blocks(page) if b.language in ("python", "py")]
-    for block in python:
-        if block.skip is not None:
-            assert SKIP_REASON.match(block.skip), (
-                f"{_page_id(page)}:{block.line - 1}: a docs-test skip marker needs a reason: "
-                "<!-- docs-test: skip (why this example cannot run on Local) -->"
-            )
-    runnable = [b for b in python if b.skip is None]
+    assert not skips_without_reason(page), (
+        f"{_page_id(page)}, lines {skips_without_reason(page)}: a docs-test skip marker needs "
+        "a reason: <!-- docs-test: skip (why this example cannot run on Local) -->"
+    )
+    runnable = [b for b in blocks(page) if b.language in PYTHON and b.skip is None]
     if not runnable:
         return
     script = tmp_path / "blocks.json"
@@ -111,29 +129,27 @@ def test_page_examples_run(page: Path, tmp_path: Path) -> None:
         json.dumps([{"line": b.line, "source": b.source, "path": str(page)} for b in runnable])
     )
     marker = uuid.uuid4().hex
-    env = {**os.environ, "SKYWARD_DOCS_TEST": marker}
     try:
         done = subprocess.run(
             [sys.executable, "-c", RUNNER, str(script)],
             cwd=tmp_path,
-            env=env,
+            env={**os.environ, "SKYWARD_DOCS_TEST": marker},
             capture_output=True,
             text=True,
             timeout=PAGE_TIMEOUT,
             stdin=subprocess.DEVNULL,
         )
     except subprocess.TimeoutExpired as exc:
-        pytest.fail(
-            f"{_page_id(page)}: examples did not finish in {PAGE_TIMEOUT:.0f}s\n{exc.stderr!r}"
-        )
-    finally:
-        assert wait_until(lambda: not _agents_of(marker), 10.0), (
-            f"{_page_id(page)}: its examples left agent processes running"
-        )
+        done = exc
+    agents_gone = wait_until(lambda: not _agents_of(marker), 10.0)
+    assert not isinstance(done, subprocess.TimeoutExpired), (
+        f"{_page_id(page)}: examples did not finish in {PAGE_TIMEOUT:.0f}s\n{done.stderr!r}"
+    )
     assert done.returncode == 0, (
         f"{_page_id(page)}: an example failed (exit {done.returncode})\n"
         f"--- stdout ---\n{done.stdout}\n--- stderr ---\n{done.stderr}"
     )
+    assert agents_gone, f"{_page_id(page)}: its examples left agent processes running"
 
 
 def _agents_of(marker: str) -> list[psutil.Process]:

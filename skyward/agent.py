@@ -424,7 +424,8 @@ class Slot:
         if not self.alive:
             return
         with self.owner.lock:
-            task_id, self.task_id = self.task_id, None
+            # -1 keeps the slot out of dispatch until its replacement has started.
+            task_id, self.task_id = self.task_id, -1
             cancelled = task_id is not None and task_id == self.cancelling
             self.cancelling = None
         if task_id is not None:
@@ -433,6 +434,8 @@ class Slot:
             else:
                 agent.finish(task_id, Status.WORKER_DIED, pickle.dumps(_death(code)))
         self.spawn()
+        with self.owner.lock:
+            self.task_id = None
         self.owner.pump()
 
 

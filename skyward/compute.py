@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 from skyward import wire
 from skyward.node import Node, NodeStartError
 from skyward.plugins import around_client, compose_image, manager
-from skyward.providers import ClusterSpec, Provider
+from skyward.providers import ClusterSpec, Launcher, Provider
 from skyward.providers.local import Local
 from skyward.scheduler import Scheduler
 from skyward.spec import Image, Worker
@@ -59,6 +59,7 @@ class Compute(Executor):
         image: what each node has installed; plugins add to it.
         plugins: plugin objects, e.g. ``[sky.plugins.joblib()]``.
         max_retries: times a task is rerun after the node running it is lost.
+        restarts: times a lost node is restarted through its provider (0: never).
         heartbeat_timeout: seconds of silence after which a node is declared lost.
         connect_timeout: seconds allowed for each node to start and say hello.
     """
@@ -74,6 +75,7 @@ class Compute(Executor):
         plugins: Sequence[object] = (),
         *,
         max_retries: int = 2,
+        restarts: int = 3,
         heartbeat_timeout: float = 10.0,
         connect_timeout: float = 120.0,
     ) -> None:
@@ -86,8 +88,10 @@ class Compute(Executor):
             )
         if vcpus is not None and (not isinstance(vcpus, int) or vcpus < 1):
             raise ValueError(f"Compute(vcpus={vcpus!r}) must be a positive int or None")
-        if max_retries < 0:
-            raise ValueError(f"Compute(max_retries={max_retries}) must be >= 0")
+        if max_retries < 0 or restarts < 0:
+            raise ValueError(
+                f"Compute(max_retries={max_retries}, restarts={restarts}): both must be >= 0"
+            )
         if heartbeat_timeout <= 0:
             raise ValueError(f"Compute(heartbeat_timeout={heartbeat_timeout}) must be > 0")
         if isinstance(plugins, (str, bytes)) or not isinstance(plugins, Iterable):
@@ -108,6 +112,9 @@ class Compute(Executor):
         self.vcpus = vcpus
         self.memory = memory
         self.max_retries = max_retries
+        self.restarts = restarts
+        self._launchers: list[Launcher] = []
+        self._restarted: list[int] = []
         self.heartbeat_timeout = heartbeat_timeout
         self.connect_timeout = connect_timeout
         self.cluster_id = uuid.uuid4().hex[:12]
@@ -171,10 +178,13 @@ class Compute(Executor):
         t0 = time.monotonic()
         launchers = self.provider.launch(spec, stack)
         log.info("provisioned %d node(s) in %.2fs", len(launchers), time.monotonic() - t0)
+        self._launchers = launchers
+        self._restarted = [0] * len(launchers)
         scheduler = Scheduler(max_retries=self.max_retries)
+        scheduler.replace = self._replace
         self._scheduler = scheduler
         stack.callback(self._stop_nodes)
-        self.nodes = self._connect(launchers)
+        self.nodes = self._connect()
         for node in self.nodes:
             node.start(scheduler)
         scheduler.add_nodes(self.nodes)
@@ -185,47 +195,81 @@ class Compute(Executor):
         _register(self, stack)
         stack.enter_context(around_client(self, self._pm, self.plugins))
 
-    def _connect(self, launchers: list[Any]) -> list[Node]:
+    def _open_node(self, index: int) -> Node:
+        """Start node ``index``'s agent through its launcher and shake hands (bounded)."""
+        launcher = self._launchers[index]
+        t0 = time.monotonic()
+        try:
+            channel = launcher.open()
+        except NodeStartError:
+            raise
+        except Exception as exc:
+            raise NodeStartError(
+                f"{launcher.name}: {type(exc).__name__}: {exc} (step: start agent)"
+            ) from exc
+        node = Node(index, channel, self.worker.concurrency, self._blobs)
         config = {
+            "node": launcher.name,
             "concurrency": self.worker.concurrency,
             "executor": self.worker.executor,
             "env": dict(self.image.env),
             "idle_timeout": max(60.0, 6 * self.heartbeat_timeout),
         }
-        opened: list[Node] = []
-        lock = threading.Lock()
+        try:
+            node.handshake(config, self.connect_timeout)
+        except BaseException:
+            node.stop(timeout=1.0, kill=True)
+            raise
+        log.info("node %s ready in %.2fs (pid %s)", node.name, time.monotonic() - t0, node.pid)
+        return node
 
-        def open_one(index: int) -> Node:
-            launcher = launchers[index]
-            t0 = time.monotonic()
-            try:
-                channel = launcher.open()
-            except NodeStartError:
-                raise
-            except Exception as exc:
-                raise NodeStartError(
-                    f"{launcher.name}: {type(exc).__name__}: {exc} (step: start agent)"
-                ) from exc
-            node = Node(index, channel, self.worker.concurrency, self._blobs)
-            with lock:
-                opened.append(node)
-            node.handshake({**config, "node": launcher.name}, self.connect_timeout)
-            log.info("node %s ready in %.2fs (pid %s)", node.name, time.monotonic() - t0, node.pid)
-            return node
-
-        with ThreadPoolExecutor(min(32, len(launchers)), "skyward-connect") as pool:
-            futures = [pool.submit(open_one, i) for i in range(len(launchers))]
-            errors = []
+    def _connect(self) -> list[Node]:
+        """Open every node concurrently; on any failure stop the ones that started."""
+        count = len(self._launchers)
+        with ThreadPoolExecutor(min(32, count), "skyward-connect") as pool:
+            futures = [pool.submit(self._open_node, i) for i in range(count)]
+            nodes, errors = [], []
             for future in futures:
                 try:
-                    future.result()
-                except BaseException as exc:  # noqa: BLE001
+                    nodes.append(future.result())
+                except BaseException as exc:  # noqa: BLE001 - reported below, after cleanup
                     errors.append(exc)
         if errors:
-            for node in opened:
+            for node in nodes:
                 node.stop(timeout=1.0, kill=True)
             raise errors[0]
-        return sorted(opened, key=lambda n: n.index)
+        return nodes
+
+    def _replace(self, node: Node, reason: str) -> bool:
+        """Scheduler hook: restart a lost node in the background, ``restarts`` times at most."""
+        with self._lock:
+            if self._state != "running" or self._restarted[node.index] >= self.restarts:
+                return False
+            self._restarted[node.index] += 1
+        threading.Thread(
+            target=self._restart, args=(node,), name=f"skyward-restart-{node.name}", daemon=True
+        ).start()
+        return True
+
+    def _restart(self, old: Node) -> None:
+        scheduler = self._scheduler
+        assert scheduler is not None
+        old.stop(timeout=1.0, kill=True)
+        new: Node | None = None
+        try:
+            if self._state == "running":
+                new = self._open_node(old.index)
+        except Exception as exc:  # noqa: BLE001 - the node stays down; the cluster goes on
+            log.warning("could not restart %s: %s", old.name, exc)
+        with self._lock:
+            if new is not None and self._state == "running":
+                self.nodes[old.index] = new
+                new.start(scheduler)
+                log.info("node %s restarted", new.name)
+            elif new is not None:
+                new.stop(timeout=1.0, kill=True)
+                new = None
+        scheduler.node_replaced(old, new)
 
     def _monitor(self) -> None:
         """Send heartbeats; declare a node lost when it has been silent too long."""

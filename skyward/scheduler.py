@@ -91,7 +91,8 @@ class Scheduler:
         self.failed = 0
         self.retried = 0
         self.cancelled = 0
-        self.on_node_lost: list[Callable[[Node, str], None]] = []
+        self.restarting = 0
+        self.replace: Callable[[Node, str], bool] | None = None
 
     # --- nodes ----------------------------------------------------------------------------
 
@@ -134,7 +135,7 @@ class Scheduler:
                 raise RuntimeError(
                     "this Compute is shut down: submit tasks inside its `with` block"
                 )
-            if not any(n.alive for n in self.nodes):
+            if not self.restarting and not any(n.alive for n in self.nodes):
                 raise NoWorkersError(_no_workers_message(self.nodes))
             self._queue.append(record)
             self.submitted += 1
@@ -213,7 +214,7 @@ class Scheduler:
             elif status == Status.WORKER_DIED:
                 error = WorkerDiedError(
                     f"task {record.name} killed its worker on each of its {record.attempts} "
-                    f"attempt(s): {'; '.join(record.deaths)}. It was not retried further "
+                    f"attempt(s): {'; '.join(dict.fromkeys(record.deaths))}. It was not retried further "
                     f"(max_retries={self.max_retries}); the rest of the cluster keeps running"
                 )
             else:
@@ -227,7 +228,11 @@ class Scheduler:
     # --- node loss ------------------------------------------------------------------------
 
     def node_lost(self, node: Node, reason: str) -> None:
-        """Mark ``node`` dead and requeue its in-flight tasks on the live nodes."""
+        """Mark ``node`` dead and requeue its in-flight tasks on the live nodes.
+
+        ``replace`` (set by ``Compute``) may start a replacement in the background;
+        while one is pending, queued work waits for it instead of failing.
+        """
         failed: list[tuple[TaskRecord, BaseException]] = []
         with self.lock:
             if not node.alive:
@@ -240,18 +245,41 @@ class Scheduler:
                 retried = self._retry(record, f"{node.name} was lost ({reason})")
                 if not retried and not record.future.cancelled():
                     failed.append((record, _lost_error(record, self.max_retries)))
-            if not any(n.alive for n in self.nodes) and not self.closed:
-                message = _no_workers_message(self.nodes)
-                while self._queue:
-                    record = self._queue.popleft()
-                    failed.append((record, NoWorkersError(message)))
-        for callback in self.on_node_lost:
-            callback(node, reason)
-        for record, error in failed:
-            with self.lock:
-                self.failed += 1
-            _fail(record.future, error)
+        replacing = self.replace is not None and self.replace(node, reason)
+        with self.lock:
+            if replacing:
+                self.restarting += 1
+            failed.extend(self._fail_if_no_workers())
+        self._fail_all(failed)
         self._pump()
+
+    def node_replaced(self, old: Node, new: Node | None) -> None:
+        """A replacement for ``old`` finished starting (``new``) or failed (``None``)."""
+        with self.lock:
+            self.restarting -= 1
+            if new is not None and not self.closed:
+                self.nodes[self.nodes.index(old)] = new
+                self._add_tokens([new])
+            failed = self._fail_if_no_workers()
+        self._fail_all(failed)
+        self._pump()
+
+    def _fail_if_no_workers(self) -> list[tuple[TaskRecord, BaseException]]:
+        """With no live node and none coming back, queued work fails (lock held)."""
+        if any(n.alive for n in self.nodes) or self.restarting or self.closed:
+            return []
+        message = _no_workers_message(self.nodes)
+        failed: list[tuple[TaskRecord, BaseException]] = []
+        while self._queue:
+            failed.append((self._queue.popleft(), NoWorkersError(message)))
+        return failed
+
+    def _fail_all(self, failed: list[tuple[TaskRecord, BaseException]]) -> None:
+        for record, error in failed:
+            if not record.future.done():
+                with self.lock:
+                    self.failed += 1
+                _fail(record.future, error)
 
     # --- cancellation / shutdown ----------------------------------------------------------
 
@@ -303,7 +331,7 @@ def _fail(future: Future[Any], error: BaseException) -> None:
 def _lost_error(record: TaskRecord, max_retries: int) -> BaseException:
     return WorkerDiedError(
         f"task {record.name} was running on a node that was lost on each of its "
-        f"{record.attempts} attempt(s) ({'; '.join(record.deaths)}); giving up after "
+        f"{record.attempts} attempt(s) ({'; '.join(dict.fromkeys(record.deaths))}); giving up after "
         f"max_retries={max_retries}. If the task itself crashes its worker (os._exit, "
         "segfault, out of memory), fix the task; otherwise raise max_retries"
     )

@@ -212,9 +212,10 @@ class Scheduler:
             if status == Status.ERROR:
                 error = wire.loads_error(payload)
             elif status == Status.WORKER_DIED:
+                causes = "; ".join(dict.fromkeys(record.deaths))
                 error = WorkerDiedError(
                     f"task {record.name} killed its worker on each of its {record.attempts} "
-                    f"attempt(s): {'; '.join(dict.fromkeys(record.deaths))}. It was not retried further "
+                    f"attempt(s): {causes}. It was not retried further "
                     f"(max_retries={self.max_retries}); the rest of the cluster keeps running"
                 )
             else:
@@ -329,9 +330,10 @@ def _fail(future: Future[Any], error: BaseException) -> None:
 
 
 def _lost_error(record: TaskRecord, max_retries: int) -> BaseException:
+    causes = "; ".join(dict.fromkeys(record.deaths))
     return WorkerDiedError(
         f"task {record.name} was running on a node that was lost on each of its "
-        f"{record.attempts} attempt(s) ({'; '.join(dict.fromkeys(record.deaths))}); giving up after "
+        f"{record.attempts} attempt(s) ({causes}); giving up after "
         f"max_retries={max_retries}. If the task itself crashes its worker (os._exit, "
         "segfault, out of memory), fix the task; otherwise raise max_retries"
     )

@@ -111,6 +111,7 @@ class Agent:
         self.requested: set[str] = set()
         self.last_heard = time.monotonic()
         self.tasks_done = 0
+        self.busy = 0.0
         self.config: dict[str, Any] = {}
         self.cache = BlobCache(DEFAULT_CACHE_BYTES, keep_bytes=False)
         self.slots: ProcessSlots | None = None
@@ -160,8 +161,9 @@ class Agent:
 
     def heartbeat(self) -> None:
         """Answer the client's heartbeat with this agent's counters."""
-        stats = self.cache.stats()
+        stats: dict[str, float] = dict(self.cache.stats())
         stats["tasks_done"] = self.tasks_done
+        stats["busy_seconds"] = round(self.busy, 3)
         self.outbox.put(wire.encode_obj(Kind.HEARTBEAT, stats))
 
     def serve(self) -> None:
@@ -234,6 +236,7 @@ class Agent:
         if task_id in self.cancelled:
             self.finish(task_id, Status.CANCELLED, b"")
             return
+        started = time.perf_counter()
         try:
             fn, args, kwargs = wire.loads_task(payload, blobs)
             value = fn(*args, **kwargs)
@@ -251,13 +254,19 @@ class Agent:
                 status, body = Status.ERROR, wire.dumps_error(error, self.where())
         if task_id in self.cancelled:
             status, body = Status.CANCELLED, b""
-        self.finish(task_id, status, body)
+        self.finish(task_id, status, body, time.perf_counter() - started)
 
-    def finish(self, task_id: int, status: Status, body: bytes) -> None:
+    def finish(self, task_id: int, status: Status, body: bytes, busy: float = 0.0) -> None:
         with self.lock:
             self.cancelled.discard(task_id)
+        self.forward(wire.encode_obj(Kind.RESULT, (task_id, int(status), body)), busy)
+
+    def forward(self, frame: bytes, busy: float) -> None:
+        """Send a RESULT frame and count the slot time it took."""
+        with self.lock:
             self.tasks_done += 1
-        self.outbox.put(wire.encode_obj(Kind.RESULT, (task_id, int(status), body)))
+            self.busy += busy
+        self.outbox.put(frame)
 
     def cancel(self, task_id: int) -> None:
         with self.lock:
@@ -355,6 +364,7 @@ class Slot:
         self.alive = True
         self.task_id: int | None = None
         self.cancelling: int | None = None
+        self.sent_at = 0.0
         self.spawn()
 
     def spawn(self) -> None:
@@ -382,6 +392,7 @@ class Slot:
         self.stdin.flush()
 
     def send(self, task: Task, blobs: dict[str, Any]) -> None:
+        self.sent_at = time.perf_counter()
         self.send_blobs(blobs, tail=wire.encode_obj(Kind.TASK, [task]))
 
     def send_blobs(self, blobs: dict[str, Any], tail: bytes = b"", resend: bool = False) -> None:
@@ -416,9 +427,7 @@ class Slot:
             elif kind == Kind.RESULT:
                 with self.owner.lock:
                     self.task_id = None
-                agent.outbox.put(wire.encode(Kind.RESULT, body))
-                with agent.lock:
-                    agent.tasks_done += 1
+                agent.forward(wire.encode(Kind.RESULT, body), time.perf_counter() - self.sent_at)
                 self.owner.pump()
         code = proc.wait()
         if not self.alive:

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 from skyward import wire
 from skyward.node import Node, NodeStartError
 from skyward.plugins import around_client, compose_image, manager
+from skyward.progress import Progress, rate
 from skyward.providers import ClusterSpec, Launcher, Provider
 from skyward.providers.local import Local
 from skyward.scheduler import Scheduler
@@ -62,6 +63,8 @@ class Compute(Executor):
         restarts: times a lost node is restarted through its provider (0: never).
         heartbeat_timeout: seconds of silence after which a node is declared lost.
         connect_timeout: seconds allowed for each node to start and say hello.
+        progress: also show task completion on the terminal's status line (node
+            start-up is always shown there when stderr is a terminal).
     """
 
     def __init__(
@@ -78,6 +81,7 @@ class Compute(Executor):
         restarts: int = 3,
         heartbeat_timeout: float = 10.0,
         connect_timeout: float = 120.0,
+        progress: bool = False,
     ) -> None:
         if isinstance(nodes, bool) or not isinstance(nodes, int):
             raise TypeError(f"Compute(nodes=...) must be an int >= 1, got {nodes!r}")
@@ -117,6 +121,9 @@ class Compute(Executor):
         self._restarted: list[int] = []
         self.heartbeat_timeout = heartbeat_timeout
         self.connect_timeout = connect_timeout
+        self.progress = progress
+        self._display = Progress()
+        self._ready_count = 0
         self.cluster_id = uuid.uuid4().hex[:12]
         self.image: Image = self.base_image
         self._state = "new"
@@ -151,6 +158,7 @@ class Compute(Executor):
         except BaseException:
             self._state = "closed"
             self._stack = None
+            self._display.close()
             stack.close()
             raise
         self._started_at = time.monotonic()
@@ -193,6 +201,11 @@ class Compute(Executor):
         stack.callback(monitor.join, 5)
         stack.callback(self._monitor_stop.set)
         _register(self, stack)
+        stack.callback(self._display.close)
+        if self.progress:
+            self._display.show(self._task_status)
+        else:
+            self._display.close()
         stack.enter_context(around_client(self, self._pm, self.plugins))
 
     def _open_node(self, index: int) -> Node:
@@ -221,11 +234,14 @@ class Compute(Executor):
             node.stop(timeout=1.0, kill=True)
             raise
         log.info("node %s ready in %.2fs (pid %s)", node.name, time.monotonic() - t0, node.pid)
+        with self._lock:
+            self._ready_count += 1
         return node
 
     def _connect(self) -> list[Node]:
         """Open every node concurrently; on any failure stop the ones that started."""
         count = len(self._launchers)
+        self._display.show(lambda: f"{self._ready_count}/{count} node(s) ready")
         with ThreadPoolExecutor(min(32, count), "skyward-connect") as pool:
             futures = [pool.submit(self._open_node, i) for i in range(count)]
             nodes, errors = [], []
@@ -293,9 +309,21 @@ class Compute(Executor):
                 else:
                     node.heartbeat()
 
+    def _task_status(self) -> str:
+        tasks = self._scheduler.stats() if self._scheduler is not None else {}
+        done = tasks.get("completed", 0) + tasks.get("failed", 0)
+        return (
+            f"{done}/{tasks.get('submitted', 0)} task(s) done ({rate(done, self._started_at)}), "
+            f"{tasks.get('retried', 0)} retried, {tasks.get('failed', 0)} failed, "
+            f"{self.total_slots} slot(s)"
+        )
+
     def _stop_nodes(self) -> None:
+        t0 = time.monotonic()
+        self._display.close()
         if self._scheduler is not None:
             self._scheduler.close(cancel=True)
+        log.info("%s", self._summary())
         stoppers = [
             threading.Thread(target=node.stop, name=f"skyward-stop-{node.name}", daemon=True)
             for node in self.nodes
@@ -304,7 +332,24 @@ class Compute(Executor):
             thread.start()
         for thread in stoppers:
             thread.join(10)
-        log.info("cluster %s stopped", self.cluster_id)
+        log.info("cluster %s stopped in %.2fs", self.cluster_id, time.monotonic() - t0)
+
+    def _summary(self) -> str:
+        """One line for the log at exit: tasks, bytes, per-node utilization."""
+        stats = self.stats(refresh=True, timeout=0.5)
+        tasks = stats["tasks"]
+        elapsed = max(time.monotonic() - self._started_at, 1e-9) if self._started_at else 0.0
+        sent = sum(n["bytes_sent"] for n in stats["nodes"].values())
+        received = sum(n["bytes_received"] for n in stats["nodes"].values())
+        usage = ", ".join(
+            f"{name} {_utilization(n, elapsed):.0%}" for name, n in stats["nodes"].items()
+        )
+        return (
+            f"cluster {self.cluster_id} summary: {tasks.get('completed', 0)} task(s) done, "
+            f"{tasks.get('retried', 0)} retried, {tasks.get('failed', 0)} failed, "
+            f"{tasks.get('cancelled', 0)} cancelled; sent {_size(sent)}, received "
+            f"{_size(received)} in {elapsed:.1f}s; utilization {usage or 'n/a'}"
+        )
 
     def __exit__(
         self,
@@ -376,17 +421,18 @@ class Compute(Executor):
         """Whether the cluster is up."""
         return self._state == "running"
 
-    def stats(self, refresh: bool = False) -> dict[str, Any]:
+    def stats(self, refresh: bool = False, timeout: float = 5.0) -> dict[str, Any]:
         """Counters: tasks, and per node bytes sent/received, blobs, agent cache hits.
 
-        With ``refresh``, first ask every live agent for fresh counters (bounded wait).
+        With ``refresh``, first ask every live agent for fresh counters, waiting at
+        most ``timeout`` seconds for their answers.
         """
         if refresh:
             before = {n.name: n.heartbeats for n in self.nodes if n.alive}
             for node in self.nodes:
                 if node.alive:
                     node.heartbeat()
-            deadline = time.monotonic() + 5
+            deadline = time.monotonic() + timeout
             while time.monotonic() < deadline and any(
                 n.alive and n.heartbeats == before.get(n.name, 0) for n in self.nodes
             ):
@@ -403,6 +449,19 @@ class Compute(Executor):
             f"<Compute {self.cluster_id} {self._state} provider={type(self.provider).__name__} "
             f"nodes={self.node_count} slots/node={self.worker.concurrency}>"
         )
+
+
+def _utilization(node: dict[str, Any], elapsed: float) -> float:
+    busy = float(node.get("busy_seconds", 0.0))
+    return busy / (node["slots"] * elapsed) if elapsed > 0 else 0.0
+
+
+def _size(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} GiB"
 
 
 class _ChunkRunner:

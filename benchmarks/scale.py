@@ -1,0 +1,71 @@
+"""Scale: how many slots one client drives. Sleep tasks on many Local nodes x 20 slots.
+
+Efficiency is the ideal wall time (tasks x duration / slots) over the measured
+one, from the first submit to the last result (start-up is measured apart).
+Client CPU per task is the client process's CPU time (all its threads) over
+the tasks dispatched. ``run`` gives one row per cluster size: the scaling curve.
+"""
+
+from __future__ import annotations
+
+import time
+
+import skyward as sky
+from benchmarks.common import Row
+
+SLOTS_PER_NODE = 20
+DURATION = 0.5
+
+
+def sleep_task(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+def measure(nodes: int, tasks: int) -> Row:
+    """Run ``tasks`` sleeps on ``nodes`` x 20 slots; one row with efficiency and client CPU."""
+    started = time.perf_counter()
+    with sky.Compute(nodes=nodes, worker=sky.Worker(concurrency=SLOTS_PER_NODE)) as compute:
+        startup = time.perf_counter() - started
+        slots = compute.total_slots
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        futures = [compute.submit(sleep_task, DURATION) for _ in range(tasks)]
+        for future in futures:
+            future.result()
+        wall = time.perf_counter() - wall0
+        cpu = time.process_time() - cpu0
+    ideal = tasks * DURATION / slots
+    efficiency = ideal / wall
+    return Row(
+        workload=f"scale {nodes} nodes x {SLOTS_PER_NODE} slots, {tasks} x {DURATION}s",
+        system="skyward Local",
+        metric="efficiency",
+        value=efficiency * 100,
+        unit="%",
+        peer="ideal",
+        ratio=efficiency,
+        goal=">= 97 %" if slots >= 2000 else None,
+        met=(efficiency >= 0.97) if slots >= 2000 else None,
+        extra={
+            "slots": slots,
+            "wall_s": round(wall, 3),
+            "ideal_s": ideal,
+            "startup_s": round(startup, 2),
+            "client_cpu_us_per_task": round(cpu / tasks * 1e6, 1),
+        },
+    )
+
+
+def run(quick: bool) -> list[Row]:
+    """The scaling curve: slots vs efficiency (full: up to 100 nodes = 2,000 slots)."""
+    sizes = [5, 20] if quick else [5, 25, 50, 100]
+    rows = []
+    for nodes in sizes:
+        row = measure(nodes, nodes * SLOTS_PER_NODE * 10)
+        print(
+            f"  {row.extra['slots']:5d} slots: efficiency {row.value:.1f} %, wall "
+            f"{row.extra['wall_s']}s (ideal {row.extra['ideal_s']}s), start-up "
+            f"{row.extra['startup_s']}s, client CPU {row.extra['client_cpu_us_per_task']} us/task",
+            flush=True,
+        )
+        rows.append(row)
+    return rows

@@ -8,6 +8,8 @@ Task payloads are cloudpickled. Large arguments (numpy arrays, bytes, pandas
 objects above :data:`BLOB_THRESHOLD`) and functions pickled by value become
 *blobs*: serialized once, keyed by a content hash and referenced from the task
 through pickle's persistent-id mechanism, so each is sent to a node once.
+Medium arrays (above :data:`REUSE_THRESHOLD`) become blobs the second time the
+same object is sent, so repeated ``y`` and index arrays are not re-sent either.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ HEADER = struct.Struct("!2sBBBQ")
 FLAG_LZ4 = 0x01
 COMPRESS_THRESHOLD = 64 * 1024
 BLOB_THRESHOLD = 1024 * 1024
+REUSE_THRESHOLD = 16 * 1024
 PICKLE_PROTOCOL = 5
 
 
@@ -235,23 +238,24 @@ def check_compatible(local: dict[str, Any], remote: dict[str, Any], node: str) -
 # --- blobs and task payloads ----------------------------------------------------------------
 
 
-def _is_large(obj: object) -> bool:
+def _nbytes(obj: object) -> int:
+    """The in-memory size of an object of a blob-able type (arrays, bytes, frames), else 0."""
     cls = type(obj)
     if cls is bytes or cls is bytearray:
-        return len(obj) >= BLOB_THRESHOLD  # type: ignore[arg-type]
+        return len(obj)  # type: ignore[arg-type]
     module = cls.__module__
     if module == "numpy":
-        return cls.__name__ == "ndarray" and obj.nbytes >= BLOB_THRESHOLD  # type: ignore[attr-defined]
+        return int(obj.nbytes) if cls.__name__ == "ndarray" else 0  # type: ignore[attr-defined]
     if module.startswith("pandas.core.") and cls.__name__ in ("DataFrame", "Series"):
         try:
             usage = obj.memory_usage(deep=False, index=True)  # type: ignore[attr-defined]
-            return int(getattr(usage, "sum", lambda: usage)()) >= BLOB_THRESHOLD
+            return int(getattr(usage, "sum", lambda: usage)())
         except Exception:
-            return False
+            return 0
     if module.startswith("scipy.sparse"):
         data = getattr(obj, "data", None)
-        return getattr(data, "nbytes", 0) >= BLOB_THRESHOLD
-    return False
+        return int(getattr(data, "nbytes", 0))
+    return 0
 
 
 def _by_value(obj: object) -> bool:
@@ -289,13 +293,29 @@ class BlobRegistry:
 
     def key_for(self, obj: object) -> str | None:
         """Return the blob key for ``obj`` if it should travel as a blob, else ``None``."""
-        if not (_by_value(obj) or _is_large(obj)):
-            return None
+        if _by_value(obj):
+            size = BLOB_THRESHOLD
+        else:
+            size = _nbytes(obj)
+            if size < REUSE_THRESHOLD:
+                return None
         entry = self._by_id.get(id(obj))
-        if entry is not None:
-            held, known = entry
-            if (held() if isinstance(held, weakref.ref) else held) is obj:
-                return known
+        seen = (
+            entry is not None
+            and (entry[0]() if isinstance(entry[0], weakref.ref) else entry[0]) is obj
+        )
+        if seen and entry is not None and entry[1]:
+            return entry[1]
+        if not seen and size < BLOB_THRESHOLD:
+            # Medium objects travel inline until the same object is sent again (scikit-learn's
+            # y and CV index arrays go with every fit): only then are they worth a blob.
+            try:
+                seen_once = weakref.ref(obj, partial(self._forget, id(obj)))
+            except TypeError:
+                return None
+            with self._lock:
+                self._by_id[id(obj)] = (seen_once, "")
+            return None
         data = cloudpickle.dumps(obj, protocol=PICKLE_PROTOCOL)
         key = hashlib.blake2b(data, digest_size=16).hexdigest()
         ident = id(obj)

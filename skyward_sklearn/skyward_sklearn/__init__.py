@@ -1,1 +1,18 @@
-"""Skyward's scikit-learn plugin (filled in by the sklearn work)."""
+"""Skyward's scikit-learn plugin: scikit-learn's ``n_jobs`` runs on a Skyward cluster.
+
+``sky.plugins.sklearn(version=None)`` returns a :class:`SklearnPlugin`. It
+routes every ``joblib.Parallel`` scikit-learn starts to the running
+``sky.Compute`` (through the joblib plugin's ``SkywardBackend``) and gives the
+workers the client's scikit-learn release.
+"""
+
+from __future__ import annotations
+
+from skyward_sklearn.plugin import SklearnPlugin, installed_version
+
+__all__ = ["SklearnPlugin", "installed_version", "sklearn"]
+
+
+def sklearn(version: str | None = None) -> SklearnPlugin:
+    """The plugin object for ``plugins=[...]``: ``sky.plugins.sklearn()``."""
+    return SklearnPlugin(version=version)

@@ -28,6 +28,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -159,7 +160,7 @@ def _lock(path: str) -> int:
 
 def _write_marker(path: str, value: str) -> None:
     with open(path + ".tmp", "w") as f:
-        f.write(value)
+        f.write(value + "\n")  # read(1) in the agent command needs the newline
     os.replace(path + ".tmp", path)
 
 
@@ -192,8 +193,8 @@ def _prepare(args: dict[str, Any]) -> dict[str, Any]:
             done.append("install packages")
         if _read(os.path.join(env, ".skyward-code")) != args["code"]:
             _step("install skyward")
-            wheel = os.path.join(paths["wheels"], args["wheel"])
-            reinstall = ["--no-deps", "--force-reinstall", wheel]
+            wheels = [os.path.join(paths["wheels"], name) for name in args["wheels"]]
+            reinstall = ["--no-deps", "--force-reinstall", *wheels]
             _install(uv, python, reinstall, "install skyward", args["env"])
             _write_marker(os.path.join(env, ".skyward-code"), args["code"])
             done.append("install skyward")
@@ -286,30 +287,87 @@ def _parse(step: str, code: int, out: str, err: str) -> dict[str, Any]:
     raise BootstrapError(f"the bootstrap script did not run: {detail}", step)
 
 
+NOT_READY = 97
+"""Exit status of :func:`agent_command` when the environment must be prepared first."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the environment of one image holds, and the markers that say it is ready."""
+
+    image: Image
+    digest: str
+    install_key: str
+    code: str
+    packages: tuple[str, ...]
+
+    @classmethod
+    def of(cls, image: Image) -> Plan:
+        """The plan for ``image`` with this client's skyward build."""
+        from skyward.spec import requirement_name
+
+        wheels = ClientWheels.shared()
+        packages = _packages(image, exclude={requirement_name(d) for d in wheels.packages})
+        # The folder is named by the image; the marker inside also covers the agent's own
+        # dependencies (pinned like the client), so a client upgrade rebuilds the env.
+        key = hashlib.sha256(json.dumps([image.digest(), packages]).encode()).hexdigest()
+        return cls(image, image.digest(), key[:16], wheels.code, tuple(packages))
+
+    def args(self, env_root: str) -> dict[str, Any]:
+        """Arguments of the host-side commands."""
+        return {
+            "env_root": env_root,
+            "digest": self.digest,
+            "install_key": self.install_key,
+            "code": self.code,
+        }
+
+
+def _shell_path(path: str) -> str:
+    """``path`` quoted for sh, with a leading ``~`` expanded by the host's shell."""
+    import shlex
+
+    if path == "~" or path.startswith("~/"):
+        return '"$HOME"' + shlex.quote(path[1:]) if len(path) > 1 else '"$HOME"'
+    return shlex.quote(path)
+
+
+def agent_command(plan: Plan, env_root: str) -> str:
+    """Shell command that starts the agent if the environment is ready, else exits
+    :data:`NOT_READY`: a warm start costs one remote command, not two."""
+    import shlex
+
+    from skyward.channel import AGENT_PID_MARK
+
+    env = f"{_shell_path(env_root.rstrip('/'))}/{plan.digest}"
+    # sh (not the login shell, which may be slow or print) announces its pid, which
+    # exec keeps for the agent, on stderr.
+    script = (
+        f"E={env}; "
+        f'{{ [ -x "$E/bin/python" ] && read -r I < "$E/.skyward-image" && read -r C < '
+        f'"$E/.skyward-code" && [ "$I" = {plan.install_key} ] && [ "$C" = {plan.code} ]; }} '
+        f"2>/dev/null || exit {NOT_READY}; "
+        f"echo {AGENT_PID_MARK.decode()}$$ >&2; "
+        'exec env PYTHONUNBUFFERED=1 "$E/bin/python" -m skyward.agent'
+    )
+    return f"exec sh -c {shlex.quote(script)}"
+
+
 def prepare(
     client: paramiko.SSHClient,
     host: str,
-    image: Image,
+    plan: Plan,
     python: str,
     env_root: str,
     logger: Callable[[str, str], None],
-) -> str:
-    """Make sure ``image``'s environment is ready on the host; return its interpreter path.
+) -> None:
+    """Create or complete ``plan``'s environment on the host with its ``python``.
 
     ``logger(step, message)`` is called for every step. Raises :class:`BootstrapError`.
     """
-    wheel = SkywardWheel.shared()
-    packages = _packages(image)
-    # The folder is named by the image; the marker inside also covers the agent's own
-    # dependencies (pinned like the client), so a client upgrade rebuilds the env.
-    install_key = hashlib.sha256(json.dumps([image.digest(), packages]).encode()).hexdigest()
-    base = {
-        "env_root": env_root,
-        "digest": image.digest(),
-        "install_key": install_key[:16],
-        "code": wheel.code,
-    }
-    logger("probe", f"checking {env_root}/{base['digest']} with {python}")
+    image = plan.image
+    base = plan.args(env_root)
+    logger("probe", f"checking {env_root}/{plan.digest} with {python}")
     probe = _call(client, python, "probe", base, PROBE_TIMEOUT, "probe")
     version = ".".join(probe["python"].split(".")[:2])
     if version != image.python:
@@ -319,31 +377,29 @@ def prepare(
             f"sky.Image(python='{version}') (the client must run the same minor version)",
             "probe",
         )
-    env_python = str(probe["env"]) + "/bin/python"
     if probe["ready"]:
-        logger("ready", f"environment {base['digest']} is ready (warm start)")
-        return env_python
-    uploads = _uploads(image, wheel, probe)
+        return  # another client finished it meanwhile
+    wheels = ClientWheels.shared()
+    uploads = _uploads(image, wheels, probe)
     if uploads:
         logger("upload", f"uploading {len(uploads)} file(s) over SFTP")
         _upload(client, uploads)
     args = {
         **base,
-        "packages": packages,
+        "packages": list(plan.packages),
         "offline": image.wheelhouse is not None,
         # The image's variables reach the installer too (PIP_INDEX_URL, UV_INDEX_URL, ...).
         "env": dict(image.env),
-        "wheel": wheel.path.name,
+        "wheels": [path.name for path in wheels.paths],
     }
     installer = "uv" if probe["uv"] else "python -m venv + pip"
-    logger("prepare", f"preparing environment {base['digest']} with {installer}")
+    logger("prepare", f"preparing environment {plan.digest} with {installer}")
 
     def progress(line: str) -> None:
         if line.startswith(STEP_MARK):
             logger(line[len(STEP_MARK) :], f"{line[len(STEP_MARK) :]} ({installer})")
 
     _call(client, python, "prepare", args, PREPARE_TIMEOUT, "prepare", progress)
-    return env_python
 
 
 def _call(
@@ -368,20 +424,21 @@ def _call(
     return _parse(step, code, out, err)
 
 
-def _packages(image: Image) -> list[str]:
-    """The image's requirements plus what the agent itself imports (pinned like the client)."""
+def _packages(image: Image, exclude: set[str]) -> list[str]:
+    """The image's requirements plus what the agent itself imports (pinned like the client),
+    without the distributions in ``exclude`` (shipped as the client's own wheels)."""
     import cloudpickle
 
-    wanted = dict(image.requirements())
+    wanted = {name: req for name, req in image.requirements().items() if name not in exclude}
     wanted.setdefault("cloudpickle", f"cloudpickle=={cloudpickle.__version__}")
     wanted.setdefault("lz4", "lz4>=4.0")
     wanted.setdefault("pluggy", "pluggy>=1.3")
     return list(wanted.values())
 
 
-def _uploads(image: Image, wheel: SkywardWheel, probe: dict[str, Any]) -> list[tuple[Path, str]]:
+def _uploads(image: Image, wheels: ClientWheels, probe: dict[str, Any]) -> list[tuple[Path, str]]:
     present: dict[str, int] = probe["present"]
-    files = [(wheel.path, f"{probe['wheels']}/{wheel.path.name}")]
+    files = [(path, f"{probe['wheels']}/{path.name}") for path in wheels.paths]
     if image.wheelhouse is not None:
         for path in sorted(Path(image.wheelhouse).iterdir()):
             if path.is_file():
@@ -412,22 +469,29 @@ def _upload(client: paramiko.SSHClient, files: list[tuple[Path, str]]) -> None:
         sftp.close()
 
 
-class SkywardWheel:
-    """The client's own skyward as a wheel, built once per process, removed at exit."""
+class ClientWheels:
+    """The client's own skyward and installed skyward plugins, as wheels for the hosts.
 
-    _shared: SkywardWheel | None = None
+    Plugins (distributions with ``skyward`` entry points) ship too, because tasks
+    refer to their code (e.g. the joblib batch wrapper). ``code`` hashes their
+    packages' files; the wheels are built on first use, once per process, into a
+    temporary folder removed at exit.
+    """
+
+    _shared: ClientWheels | None = None
     _lock = threading.Lock()
 
     def __init__(self) -> None:
-        import skyward
-
-        self.package = Path(skyward.__file__).resolve().parent
-        self.code = _tree_hash(self.package)
-        self._path: Path | None = None
+        self.packages = _shipped_packages()
+        digest = hashlib.sha256()
+        for dist, path in sorted(self.packages.items()):
+            digest.update(f"{dist}={_tree_hash(path)};".encode())
+        self.code = digest.hexdigest()[:16]
+        self._paths: list[Path] | None = None
         self._build_lock = threading.Lock()
 
     @classmethod
-    def shared(cls) -> SkywardWheel:
+    def shared(cls) -> ClientWheels:
         """The process-wide instance (its code hash is computed once)."""
         with cls._lock:
             if cls._shared is None:
@@ -435,48 +499,80 @@ class SkywardWheel:
             return cls._shared
 
     @property
-    def path(self) -> Path:
-        """The wheel file, built on first use."""
+    def paths(self) -> list[Path]:
+        """The wheel files, built on first use."""
         with self._build_lock:
-            if self._path is None:
-                out = Path(tempfile.mkdtemp(prefix="skyward-wheel-"))
+            if self._paths is None:
                 import atexit
 
+                out = Path(tempfile.mkdtemp(prefix="skyward-wheels-"))
                 atexit.register(shutil.rmtree, out, True)
-                self._path = self._build(out)
-            return self._path
-
-    def _build(self, out: Path) -> Path:
-        source = self.package.parent
-        pyproject = source / "pyproject.toml"
-        if pyproject.is_file() and 'name = "skyward"' in pyproject.read_text():
-            return build_wheel(source, out)
-        return wheel_from_installed("skyward", out)
+                self._paths = [_client_wheel(dist, out) for dist in sorted(self.packages)]
+            return self._paths
 
 
-def _tree_hash(folder: Path) -> str:
+def _shipped_packages() -> dict[str, Path]:
+    """Distribution name -> its package folder (or module file): skyward and its plugins."""
+    import importlib.util
+    from importlib import metadata
+
+    import skyward
+
+    found = {"skyward": Path(skyward.__file__).resolve().parent}
+    for entry in metadata.entry_points(group="skyward"):
+        dist = getattr(entry, "dist", None)
+        spec = importlib.util.find_spec(entry.module.split(".")[0])
+        if dist is None or spec is None:
+            continue
+        if spec.submodule_search_locations:
+            found[dist.name] = Path(list(spec.submodule_search_locations)[0]).resolve()
+        elif spec.origin:
+            found[dist.name] = Path(spec.origin).resolve()
+    return found
+
+
+def _tree_hash(path: Path) -> str:
     digest = hashlib.sha256()
-    for path in sorted(folder.rglob("*")):
-        if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc":
-            digest.update(str(path.relative_to(folder)).encode() + b"\0")
-            digest.update(path.read_bytes())
+    files = [path] if path.is_file() else sorted(path.rglob("*"))
+    for file in files:
+        if file.is_file() and "__pycache__" not in file.parts and file.suffix != ".pyc":
+            digest.update(
+                file.name.encode() if file == path else str(file.relative_to(path)).encode()
+            )
+            digest.update(b"\0" + file.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def _client_wheel(dist_name: str, out: Path) -> Path:
+    """A wheel of the installed ``dist_name``: built from its source when installed
+    editable, else repacked from its installed files."""
+    from importlib import metadata
+    from urllib.parse import unquote, urlparse
+
+    direct = metadata.distribution(dist_name).read_text("direct_url.json")
+    info = json.loads(direct) if direct else {}
+    if info.get("dir_info", {}).get("editable"):
+        return build_wheel(Path(unquote(urlparse(info["url"]).path)), out)
+    return wheel_from_installed(dist_name, out)
 
 
 def build_wheel(source: Path, out: Path) -> Path:
     """Build the wheel of the project at ``source`` into ``out`` (hatchling, else ``uv build``)."""
     import importlib.util
 
-    if importlib.util.find_spec("hatchling") is not None:
+    pyproject = source / "pyproject.toml"
+    hatch = pyproject.is_file() and "hatchling" in pyproject.read_text()
+    before = set(out.glob("*.whl"))
+    if hatch and importlib.util.find_spec("hatchling") is not None:
         argv = [sys.executable, "-m", "hatchling", "build", "-t", "wheel", "-d", str(out)]
     else:
         uv = Path(sys.executable).parent / "uv"
         argv = [str(uv) if uv.exists() else "uv", "build", "--wheel", "--out-dir", str(out), "."]
     proc = subprocess.run(argv, cwd=source, capture_output=True, text=True, timeout=600)
-    wheels = sorted(out.glob("*.whl"))
+    wheels = sorted(set(out.glob("*.whl")) - before)
     if proc.returncode != 0 or not wheels:
         raise BootstrapError(
-            f"building the skyward wheel from {source} failed: {proc.stderr.strip()[-800:]} "
+            f"building a wheel from {source} failed: {proc.stderr.strip()[-800:]} "
             "(install hatchling or uv on the client)",
             "build wheel",
         )

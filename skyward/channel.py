@@ -199,9 +199,13 @@ class SSHChannel(Channel):
 
     @property
     def pid(self) -> int | None:
-        """The agent's process id on the remote host, once its first stderr line arrived."""
-        self._pid_seen.wait(1.0)
+        """The agent's process id on the remote host, once announced."""
         return self._pid
+
+    def started(self, timeout: float) -> bool:
+        """Wait until the remote command announced the agent's pid (True) or ended (False)."""
+        self._pid_seen.wait(timeout)
+        return self._pid is not None
 
     def close(self, timeout: float = 2.0) -> None:
         def finish() -> None:

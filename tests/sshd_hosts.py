@@ -210,18 +210,34 @@ def ssh_env_root() -> Iterator[str]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def bootstrapped_agents() -> list[psutil.Process]:
+    """Agent processes running from an environment made by skyward's bootstrap.
+
+    Other engineers' local agents on this machine are not counted; agents orphaned
+    by their sshd session are.
+    """
+    found = []
+    for proc in agent_processes():
+        try:
+            python = Path(proc.cmdline()[0])
+        except (psutil.NoSuchProcess, psutil.AccessDenied, IndexError):
+            continue
+        if (python.parent.parent / ".skyward-image").exists():
+            found.append(proc)
+    return found
+
+
 @pytest.fixture
 def ssh_clean(sshd_hosts: SSHDCluster) -> Iterator[SSHDCluster]:
-    """Yield the hosts; afterwards assert no agent and no sshd session is left (5 s grace)."""
-    before = {p.pid for p in agent_processes()}
+    """Yield the hosts; afterwards assert no bootstrapped agent and no sshd session is left."""
+    before = {p.pid for p in bootstrapped_agents()}
     yield sshd_hosts
-    assert wait_until(lambda: not ({p.pid for p in agent_processes()} - before), 5.0), (
-        f"agent processes left running: {[p.info for p in agent_processes()]}"
+    assert wait_until(lambda: not ({p.pid for p in bootstrapped_agents()} - before), 5.0), (
+        f"agent processes left running: {[p.pid for p in bootstrapped_agents()]}"
     )
     assert wait_until(lambda: not sshd_hosts.sessions(), 5.0), (
         f"sshd sessions left open: {[p.cmdline() for p in sshd_hosts.sessions()]}"
     )
-
 
 # Packages of the test wheelhouse: what the agent imports, plus joblib (the joblib plugin's
 # pin) and threadpoolctl (a marker a task can import to prove the offline install).

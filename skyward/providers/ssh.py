@@ -14,7 +14,6 @@ import getpass
 import logging
 import os
 import re
-import shlex
 import socket
 import threading
 import time
@@ -25,7 +24,7 @@ from dataclasses import dataclass, field
 import paramiko
 
 from skyward import bootstrap
-from skyward.channel import AGENT_PID_MARK, Channel, SSHChannel
+from skyward.channel import Channel, SSHChannel
 from skyward.node import NodeStartError
 from skyward.providers import ClusterSpec, Launcher, Provider
 from skyward.spec import Image
@@ -231,19 +230,40 @@ class HostLauncher(Launcher):
         return NodeStartError(f"{self.name}: {message} (step: {step})")
 
     def open(self) -> Channel:
-        """Connect, prepare the environment, start the agent; return its channel."""
+        """Connect, prepare the environment if needed, start the agent; return its channel."""
         try:
             client = self._connect()
+            plan = bootstrap.Plan.of(self.image)
+            command = bootstrap.agent_command(plan, self.env_root)
+            # Optimistic: a ready environment starts the agent in this one remote command.
+            channel = self._start_agent(client, command)
+            if channel.started(self.connect_timeout):
+                self._log("ready", f"environment {plan.digest} is ready (warm start)")
+                return channel
+            self._not_ready(channel)
             try:
-                python = bootstrap.prepare(
-                    client, self.name, self.image, self.python, self.env_root, self._log
-                )
+                bootstrap.prepare(client, self.name, plan, self.python, self.env_root, self._log)
             except bootstrap.BootstrapError as exc:
                 raise self._fail(exc.step, str(exc)) from exc
-            return self._start_agent(client, python)
+            channel = self._start_agent(client, command)
+            if channel.started(self.connect_timeout):
+                return channel
+            self._not_ready(channel)
+            raise self._fail("start agent", "the environment is still not ready after preparing it")
         except BaseException:
             self.close()
             raise
+
+    def _not_ready(self, channel: SSHChannel) -> None:
+        """Check that ``channel``'s command ended for want of an environment, then drop it."""
+        done = channel.channel.status_event.wait(5.0)
+        status = channel.channel.exit_status if done else None
+        channel.close(0.5)
+        if status != bootstrap.NOT_READY:
+            raise self._fail(
+                "start agent",
+                f"the agent did not start (exit status {status}; see its stderr above)",
+            )
 
     def _connect(self) -> paramiko.SSHClient:
         t0 = time.monotonic()
@@ -317,21 +337,16 @@ class HostLauncher(Launcher):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 30_000)
         return sock
 
-    def _start_agent(self, client: paramiko.SSHClient, python: str) -> SSHChannel:
-        self._log("start agent", f"starting the agent with {python}")
-        # The remote login shell may be slow or print: it only runs sh, which announces its
-        # pid (kept by exec) on stderr and becomes the agent.
-        script = (
-            f"echo {AGENT_PID_MARK.decode()}$$ >&2; "
-            f"exec env PYTHONUNBUFFERED=1 {shlex.quote(python)} -m skyward.agent"
-        )
+    def _start_agent(self, client: paramiko.SSHClient, command: str) -> SSHChannel:
+        self._log("start agent", f"starting the agent on {self.name}")
         try:
             transport = client.get_transport()
-            assert transport is not None
+            if transport is None or not transport.is_active():
+                raise ConnectionError("the SSH connection was closed")
             channel = transport.open_session(
                 window_size=WINDOW_SIZE, max_packet_size=MAX_PACKET, timeout=self.connect_timeout
             )
-            channel.exec_command(f"exec sh -c {shlex.quote(script)}")
+            channel.exec_command(command)
         except (OSError, paramiko.SSHException, EOFError) as exc:
             raise self._fail("start agent", f"{type(exc).__name__}: {exc}") from None
         return SSHChannel(self.name, channel)

@@ -1,0 +1,513 @@
+"""AWS provider against a moto server on 127.0.0.1 (EC2 side: no node is ever opened here).
+
+The end-to-end tests with loopback sshd hosts are in ``test_aws_e2e.py``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from conftest import wait_until
+
+import skyward as sky
+from skyward.providers import ClusterSpec
+from skyward.providers import aws as aws_module
+from skyward.providers.aws import (
+    PRICE_PER_VCPU_HOUR,
+    KeyPair,
+    pick_instance_type,
+    render_user_data,
+    render_wrapper,
+)
+from skyward.spec import Image, Worker
+
+if TYPE_CHECKING:
+    from moto_ec2 import Moto
+
+pytest_plugins = ["moto_ec2"]
+pytestmark = pytest.mark.timeout(120)
+
+_counter = iter(range(1_000_000))
+
+
+def spec(nodes: int = 2, vcpus: int | None = None, memory: float | None = None) -> ClusterSpec:
+    """A cluster spec with a fresh id."""
+    cluster_id = f"t{os.getpid():x}{next(_counter):04d}"
+    return ClusterSpec(nodes, Worker(), Image(), cluster_id, vcpus, memory)
+
+
+@pytest.fixture
+def launched(moto: Moto, aws_provider: Callable[..., Any]) -> Iterator[tuple[ClusterSpec, Any]]:
+    """A 2-node cluster provisioned on moto (not opened); torn down at the end."""
+    cluster = spec(2)
+    with ExitStack() as stack:
+        launchers = aws_provider().launch(cluster, stack)
+        yield cluster, launchers
+    assert moto.leftovers(cluster.cluster_id) == []
+
+
+# --- packaging -------------------------------------------------------------------------------
+
+
+def test_skyward_imports_without_boto3_and_aws_names_the_extra() -> None:
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.modules["boto3"] = None
+        sys.modules["botocore"] = None
+        import skyward as sky
+        assert sky.Compute and sky.Local
+        try:
+            sky.AWS()
+        except ImportError as exc:
+            print("ERROR:", exc)
+        from skyward.__main__ import main
+        sys.exit(main(["aws", "cleanup", "--region", "us-east-1"]))
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert "ERROR:" in result.stdout and "pip install 'skyward[aws]'" in result.stdout
+    assert result.returncode == 1
+    assert "pip install 'skyward[aws]'" in result.stderr
+
+
+# --- what launch creates ---------------------------------------------------------------------
+
+
+def test_launch_tags_key_pair_group_and_instances_then_teardown_removes_all(
+    moto: Moto, aws_provider: Callable[..., Any]
+) -> None:
+    cluster = spec(3)
+    cid = cluster.cluster_id
+    with ExitStack() as stack:
+        launchers = aws_provider().launch(cluster, stack)
+        instances = moto.live_instances(cid)
+        assert len(launchers) == len(instances) == 3
+        assert [launcher.name for launcher in launchers] == sorted(
+            (i["InstanceId"] for i in instances),
+            key=lambda iid: next(i["AmiLaunchIndex"] for i in instances if i["InstanceId"] == iid),
+        )
+        assert {i["State"]["Name"] for i in instances} == {"running"}
+        (key_pair,) = moto.key_pairs(cid)
+        (group,) = moto.groups(cid)
+        assert all(i["KeyName"] == key_pair["KeyName"] for i in instances)
+        assert all(
+            [g["GroupId"] for g in i["SecurityGroups"]] == [group["GroupId"]] for i in instances
+        )
+        for instance in instances:
+            behaviour = moto.ec2.describe_instance_attribute(
+                InstanceId=instance["InstanceId"], Attribute="instanceInitiatedShutdownBehavior"
+            )["InstanceInitiatedShutdownBehavior"]["Value"]
+            assert behaviour == "terminate"
+            assert instance["MetadataOptions"]["HttpTokens"] == "required"
+    assert moto.leftovers(cid) == []
+    assert {i["State"]["Name"] for i in moto.all_instances(cid)} == {"terminated"}
+
+
+def test_security_group_only_ingress_is_port_22_from_the_given_cidr(
+    moto: Moto, launched: tuple[ClusterSpec, Any]
+) -> None:
+    cluster, _ = launched
+    (group,) = moto.groups(cluster.cluster_id)
+    assert [
+        (p["IpProtocol"], p["FromPort"], p["ToPort"], [r["CidrIp"] for r in p["IpRanges"]])
+        for p in group["IpPermissions"]
+    ] == [("tcp", 22, 22, [moto.client_cidr])]
+    assert all(not p.get("Ipv6Ranges") for p in group["IpPermissions"])
+
+
+def test_user_data_pins_the_host_key_and_arms_the_dead_man_switch(
+    moto: Moto, aws_provider: Callable[..., Any], tmp_path: Path
+) -> None:
+    host_key = tmp_path / "host_key"
+    host_key.write_text(KeyPair.generate().private)
+    cluster = spec(1)
+    with ExitStack() as stack:
+        aws_provider(host_key=host_key, idle_shutdown_minutes=7).launch(cluster, stack)
+        (instance,) = moto.live_instances(cluster.cluster_id)
+        raw = moto.ec2.describe_instance_attribute(
+            InstanceId=instance["InstanceId"], Attribute="userData"
+        )["UserData"]["Value"]
+    text = base64.b64decode(raw).decode()
+    header, body = text.split("\n", 1)
+    assert header == "#cloud-config"
+    config = json.loads(body)
+    pinned = KeyPair.load(host_key)
+    assert config["ssh_keys"] == {
+        "ed25519_private": pinned.private,
+        "ed25519_public": pinned.public,
+    }
+    assert config["ssh_deletekeys"] is True and config["ssh_genkeytypes"] == []
+    files = {f["path"]: f["content"] for f in config["write_files"]}
+    assert (
+        "ExecStart=/usr/local/sbin/skyward-deadman 420\n"
+        in files["/etc/systemd/system/skyward-deadman.service"]
+    )
+    assert "systemctl poweroff" in files["/usr/local/sbin/skyward-deadman"]
+    assert "uv python install 3.11" in files["/usr/local/sbin/skyward-setup"].replace(
+        Image().python, "3.11"
+    )
+    assert "PasswordAuthentication no" in files["/etc/ssh/sshd_config.d/60-skyward.conf"]
+    # The switch is armed before the (slow, network-bound) Python installation.
+    assert config["runcmd"].index(
+        ["systemctl", "enable", "--now", "skyward-deadman.service"]
+    ) < config["runcmd"].index(["/usr/local/sbin/skyward-setup"])
+
+
+def test_user_data_installs_the_image_python_version() -> None:
+    text = render_user_data(KeyPair.generate(), "3.12", 15)
+    files = {f["path"]: f["content"] for f in json.loads(text.split("\n", 1)[1])["write_files"]}
+    setup = files["/usr/local/sbin/skyward-setup"]
+    assert "uv python install 3.12" in setup and "uv python find 3.12" in setup
+
+
+def _fake_bin(folder: Path, tools: dict[str, str]) -> str:
+    folder.mkdir()
+    for name, body in tools.items():
+        path = folder / name
+        path.write_text("#!/bin/sh\n" + body + "\n")
+        path.chmod(0o755)
+    return f"{folder}:{os.environ['PATH']}"
+
+
+@pytest.mark.parametrize("client_for", [0, 3])
+def test_dead_man_script_powers_off_only_after_idle_time_without_a_client(
+    tmp_path: Path, client_for: int
+) -> None:
+    """Run the real script with a fake clock: each `date` call advances 10 s."""
+    script = tmp_path / "deadman"
+    files = json.loads(render_user_data(KeyPair.generate(), "3.11", 1).split("\n", 1)[1])
+    script.write_text(
+        next(f["content"] for f in files["write_files"] if f["path"].endswith("deadman"))
+    )
+    clock, checks, log = tmp_path / "clock", tmp_path / "checks", tmp_path / "log"
+    clock.write_text("0")
+    checks.write_text("0")
+    path = _fake_bin(
+        tmp_path / "bin",
+        {
+            "date": f'n=$(cat {clock}); echo $((n + 10)) > {clock}; echo "$n"',
+            "sleep": "exit 0",
+            # An agent is running for the first `client_for` checks, then the client is gone.
+            "pgrep": f"n=$(cat {checks}); echo $((n + 1)) > {checks}; [ $n -lt {client_for} ]",
+            "ss": "exit 0",
+            "logger": "exit 0",
+            "systemctl": f'echo "$@ at $(cat {clock})" >> {log}',
+        },
+    )
+    subprocess.run(
+        ["sh", str(script), "60"], env={**os.environ, "PATH": path}, timeout=30, check=True
+    )
+    ((action, at),) = [line.split(" at ") for line in log.read_text().splitlines()]
+    assert action == "poweroff"
+    # Last seen at the clock reading of check number `client_for`; off >= 60 s later.
+    last_seen = 10 * client_for
+    assert int(at) - 10 >= last_seen + 60
+
+
+def test_python_wrapper_waits_for_setup_then_runs_the_installed_python(tmp_path: Path) -> None:
+    wrapper = tmp_path / "skyward-python"
+    wrapper.write_text(render_wrapper(str(tmp_path), wait_seconds=1))
+    wrapper.chmod(0o755)
+    pending = subprocess.run(
+        [str(wrapper), "-c", "print(1)"], capture_output=True, text=True, timeout=30
+    )
+    assert pending.returncode == 75 and aws_module.SETUP_PENDING in pending.stderr
+    (tmp_path / "python").write_text(sys.executable + "\n")
+    (tmp_path / "ready").touch()
+    ready = subprocess.run(
+        [str(wrapper), "-c", "import sys; print(sys.executable)"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert ready.returncode == 0 and ready.stdout.strip() == sys.executable
+
+
+# --- choices ---------------------------------------------------------------------------------
+
+
+def _price(info: dict[str, Any]) -> float:
+    return (
+        PRICE_PER_VCPU_HOUR[info["InstanceType"].split(".")[0]] * info["VCpuInfo"]["DefaultVCpus"]
+    )
+
+
+def test_vcpus_64_picks_the_cheapest_priced_type_with_at_least_64_vcpus(moto: Moto) -> None:
+    chosen = pick_instance_type(moto.ec2, vcpus=64)
+    catalogue = {
+        t["InstanceType"]: t
+        for page in moto.ec2.get_paginator("describe_instance_types").paginate()
+        for t in page["InstanceTypes"]
+    }
+    info = catalogue[chosen]
+    assert info["VCpuInfo"]["DefaultVCpus"] >= 64
+    assert "x86_64" in info["ProcessorInfo"]["SupportedArchitectures"]
+    rivals = [
+        t
+        for name, t in catalogue.items()
+        if name.split(".")[0] in PRICE_PER_VCPU_HOUR
+        and t["VCpuInfo"]["DefaultVCpus"] >= 64
+        and "x86_64" in t["ProcessorInfo"]["SupportedArchitectures"]
+        and not t["BareMetal"]
+    ]
+    assert rivals and all(_price(info) <= _price(t) for t in rivals)
+
+
+def test_memory_and_arch_constrain_the_choice(moto: Moto) -> None:
+    chosen = pick_instance_type(moto.ec2, vcpus=2, memory=100, arch="arm64")
+    (info,) = moto.ec2.describe_instance_types(InstanceTypes=[chosen])["InstanceTypes"]
+    assert info["MemoryInfo"]["SizeInMiB"] >= 100 * 1024
+    assert info["ProcessorInfo"]["SupportedArchitectures"] == ["arm64"]
+
+
+def test_no_fitting_type_is_a_clear_error(moto: Moto) -> None:
+    with pytest.raises(ValueError, match="no x86_64 EC2 instance type has 100000 vCPUs"):
+        pick_instance_type(moto.ec2, vcpus=100_000)
+
+
+def test_compute_vcpus_sizes_the_instances_and_ami_comes_from_ssm(
+    moto: Moto, aws_provider: Callable[..., Any]
+) -> None:
+    import boto3
+
+    cluster = spec(1, vcpus=64)
+    with ExitStack() as stack:
+        aws_provider(instance_type=None).launch(cluster, stack)
+        (instance,) = moto.live_instances(cluster.cluster_id)
+    (info,) = moto.ec2.describe_instance_types(InstanceTypes=[instance["InstanceType"]])[
+        "InstanceTypes"
+    ]
+    assert info["VCpuInfo"]["DefaultVCpus"] >= 64
+    ssm = boto3.client("ssm", region_name=moto.region, endpoint_url=moto.endpoint)
+    parameter = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64"
+    assert instance["ImageId"] == ssm.get_parameter(Name=parameter)["Parameter"]["Value"]
+
+
+def test_explicit_instance_type_and_ami_win(moto: Moto, aws_provider: Callable[..., Any]) -> None:
+    ami = moto.ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    cluster = spec(1, vcpus=64)
+    with ExitStack() as stack:
+        aws_provider(instance_type="t3.micro", ami=ami).launch(cluster, stack)
+        (instance,) = moto.live_instances(cluster.cluster_id)
+    assert (instance["InstanceType"], instance["ImageId"]) == ("t3.micro", ami)
+
+
+def test_unknown_instance_type_fails_before_creating_anything(
+    moto: Moto, aws_provider: Callable[..., Any]
+) -> None:
+    cluster = spec(1)
+    with pytest.raises(ValueError, match="no such EC2 instance type"):
+        with ExitStack() as stack:
+            aws_provider(instance_type="q9.huge").launch(cluster, stack)
+    assert moto.leftovers(cluster.cluster_id) == []
+
+
+def test_missing_credentials_and_region_are_clear_errors(
+    moto: Moto, aws_provider: Callable[..., Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    with pytest.raises(RuntimeError, match="no AWS credentials found: run `aws configure`"):
+        aws_provider().check(spec(1))
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    monkeypatch.delenv("AWS_REGION", raising=False)
+    with pytest.raises(ValueError, match="no AWS region configured"):
+        aws_provider(region=None).check(spec(1))
+
+
+def test_invalid_options_are_reported_at_construction(aws_provider: Callable[..., Any]) -> None:
+    with pytest.raises(ValueError, match="ssh_cidr='everyone'"):
+        aws_provider(ssh_cidr="everyone")
+    with pytest.raises(ValueError, match="idle_shutdown_minutes=0"):
+        aws_provider(idle_shutdown_minutes=0)
+
+
+# --- teardown on every path ------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_start_failure_inside_compute_removes_everything_and_says_why(
+    moto: Moto, aws_provider: Callable[..., Any], capfd: pytest.CaptureFixture[str]
+) -> None:
+    """SSH never answers (nobody listens): a clear deadline error, then a full teardown."""
+    seen: list[str] = []
+
+    def resolver(instance: dict[str, Any]) -> tuple[str, int]:
+        seen.append(_tag(instance))
+        return "127.0.0.1", 9
+
+    provider = aws_provider(resolve_address=resolver, start_timeout=3, progress=True)
+    with pytest.raises(Exception, match=r"SSH on 127\.0\.0\.1:9 not reachable before the start"):
+        with sky.Compute(provider=provider, nodes=2):
+            pytest.fail("the cluster must not start")
+    (cluster_id,) = set(seen)
+    assert moto.leftovers(cluster_id) == []
+    err = capfd.readouterr().err
+    assert "waiting for 2 instance(s)" in err and "terminating 2 instance(s)" in err
+
+
+def _tag(instance: dict[str, Any]) -> str:
+    return next(t["Value"] for t in instance["Tags"] if t["Key"] == "skyward:cluster")
+
+
+def test_exception_after_launch_removes_everything(
+    moto: Moto, aws_provider: Callable[..., Any]
+) -> None:
+    cluster = spec(2)
+    with pytest.raises(ZeroDivisionError):
+        with ExitStack() as stack:
+            aws_provider().launch(cluster, stack)
+            assert len(moto.live_instances(cluster.cluster_id)) == 2
+            1 / 0  # noqa: B018
+    assert moto.leftovers(cluster.cluster_id) == []
+
+
+def test_teardown_finds_instances_by_tag_even_if_the_client_lost_their_ids(
+    moto: Moto, aws_provider: Callable[..., Any]
+) -> None:
+    cluster = spec(2)
+    stack = ExitStack()
+    aws_provider().launch(cluster, stack)
+    leaked = stack.pop_all()  # the client "forgets" what it created
+    try:
+        removed = aws_module.destroy_cluster(moto.ec2, cluster.cluster_id, poll=0.1, progress=False)
+        assert len([r for r in removed if r.startswith("instance ")]) == 2
+        assert moto.leftovers(cluster.cluster_id) == []
+    finally:
+        leaked.close()
+
+
+def test_teardown_survives_a_second_ctrl_c(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C while the teardown runs is reported and ignored; the work completes."""
+    interrupted = threading.Event()
+    messages: list[str] = []
+
+    def record(message: str, progress: bool = True) -> None:
+        messages.append(message)
+        interrupted.set()
+
+    monkeypatch.setattr(aws_module, "_say", record)
+
+    def work() -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        # Finish only once the waiting thread has seen (and survived) the interrupt.
+        assert interrupted.wait(10)
+
+    aws_module._run_shielded(work, 30, "removing test resources")
+    assert messages and "still removing test resources" in messages[0]
+
+
+CLIENT = """
+import sys, time
+import skyward as sky
+from skyward.providers.aws import AWS
+
+def resolver(instance):
+    tag = next(t["Value"] for t in instance["Tags"] if t["Key"] == "skyward:cluster")
+    print("CLUSTER", tag, flush=True)
+    time.sleep(120)  # the signal arrives while the client is still provisioning
+    return "127.0.0.1", 9
+
+provider = AWS(region="us-east-1", endpoint_url=sys.argv[1], ssh_cidr="198.51.100.7/32",
+               instance_type="c6a.large", poll_interval=0.1, progress=True,
+               resolve_address=resolver)
+with sky.Compute(provider=provider, nodes=2):
+    print("STARTED", flush=True)
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.timeout(90)
+def test_signal_to_client_while_provisioning_removes_everything(moto: Moto, signum: int) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CLIENT, moto.endpoint],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=moto.env(),
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # bounded: the resolver prints once instances run
+        assert line.startswith("CLUSTER "), line + proc.stderr.read()
+        cluster_id = line.split()[1]
+        assert len(moto.live_instances(cluster_id)) == 2
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode != 0
+    assert "terminating 2 instance(s)" in err, err
+    assert wait_until(lambda: moto.leftovers(cluster_id) == [], 10), moto.leftovers(cluster_id)
+
+
+# --- the cleanup command ---------------------------------------------------------------------
+
+
+def _leak(provider: Any) -> tuple[str, ExitStack]:
+    cluster = spec(2)
+    stack = ExitStack()
+    provider.launch(cluster, stack)
+    return cluster.cluster_id, stack.pop_all()
+
+
+def test_cleanup_command_removes_a_leaked_cluster(
+    moto: Moto, aws_provider: Callable[..., Any]
+) -> None:
+    leaked_id, leaked = _leak(aws_provider())
+    kept_id, kept = _leak(aws_provider())
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "skyward", "aws", "cleanup", "--cluster", leaked_id,
+             "--region", moto.region],
+            capture_output=True, text=True, timeout=60, env=moto.env(),
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.count("removed instance ") == 2
+        assert "removed security group " in result.stdout
+        assert f"removed key pair skyward-{leaked_id}" in result.stdout
+        assert moto.leftovers(leaked_id) == []
+        assert len(moto.leftovers(kept_id)) == 4  # another cluster is not touched
+        everything = subprocess.run(
+            [sys.executable, "-m", "skyward", "aws", "cleanup", "--region", moto.region],
+            capture_output=True, text=True, timeout=60, env=moto.env(),
+        )  # fmt: skip
+        assert everything.returncode == 0, everything.stderr
+        assert moto.leftovers(kept_id) == []
+        again = subprocess.run(
+            [sys.executable, "-m", "skyward", "aws", "cleanup", "--cluster", leaked_id],
+            capture_output=True, text=True, timeout=60, env=moto.env(),
+        )  # fmt: skip
+        assert again.returncode == 0 and "nothing to remove" in again.stdout
+    finally:
+        leaked.close()
+        kept.close()
+
+
+def test_public_ip_lookup_is_used_when_no_cidr_is_given(
+    moto: Moto, aws_provider: Callable[..., Any]
+) -> None:
+    cluster = spec(1)
+    with ExitStack() as stack:
+        aws_provider(ssh_cidr=None, public_ip_lookup=lambda: "192.0.2.44/32").launch(cluster, stack)
+        (group,) = moto.groups(cluster.cluster_id)
+    assert group["IpPermissions"][0]["IpRanges"][0]["CidrIp"] == "192.0.2.44/32"

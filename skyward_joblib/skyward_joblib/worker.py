@@ -12,7 +12,8 @@ import os
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 from joblib._parallel_backends import ParallelBackendBase
@@ -28,54 +29,65 @@ def in_agent() -> bool:
     return getattr(spec, "name", None) == "skyward.agent"
 
 
-class _ThreadLimits:
-    """Process-wide BLAS/OpenMP thread limits, held while at least one limited batch runs.
+def _threadpool_limits(n_threads: int | list[dict[str, Any]]) -> Any:
+    """``threadpoolctl.threadpool_limits(n)`` (applied now), or a no-op without threadpoolctl."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # the environment variables still limit libraries loaded later
+        return nullcontext()
+    return threadpool_limits(limits=n_threads)
 
-    Native thread pools and environment variables belong to the whole process, so
-    concurrent batches on the thread executor share one setting: the first limited
-    batch applies it and the last one to finish restores the previous state.
+
+class _ThreadLimits:
+    """BLAS/OpenMP thread limits for the batches that ask for them.
+
+    Some pools belong to the whole agent process (OpenBLAS with pthreads, MKL), and
+    threadpoolctl lets only one thread at a time change those. So one helper thread
+    applies the limit when the first limited batch starts and restores the baseline
+    after the last one ends, together with the environment variables. Pools kept per
+    calling thread (OpenMP) are limited again in each batch's own thread.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._holders = 0
         self._saved_env: dict[str, str | None] = {}
-        self._controller: Any = None
+        self._process_limit: Any = None
+        self._owner: ThreadPoolExecutor | None = None
+
+    def _on_owner(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if self._owner is None:
+            self._owner = ThreadPoolExecutor(1, thread_name_prefix="skyward-thread-limits")
+        return self._owner.submit(fn, *args).result()
+
+    @staticmethod
+    def _enter(n_threads: int) -> Any:
+        limiter = _threadpool_limits(n_threads)
+        limiter.__enter__()
+        return limiter
 
     @contextmanager
     def limit(self, n_threads: int) -> Iterator[None]:
         with self._lock:
             if self._holders == 0:
-                self._apply(n_threads)
+                names = ParallelBackendBase.MAX_NUM_THREADS_VARS
+                self._saved_env = {name: os.environ.get(name) for name in names}
+                os.environ.update({name: str(n_threads) for name in names})
+                self._process_limit = self._on_owner(self._enter, n_threads)
             self._holders += 1
         try:
-            yield
+            with _threadpool_limits(n_threads):
+                yield
         finally:
             with self._lock:
                 self._holders -= 1
                 if self._holders == 0:
-                    self._restore()
-
-    def _apply(self, n_threads: int) -> None:
-        names = ParallelBackendBase.MAX_NUM_THREADS_VARS
-        self._saved_env = {name: os.environ.get(name) for name in names}
-        os.environ.update({name: str(n_threads) for name in names})
-        try:
-            from threadpoolctl import threadpool_limits
-        except ImportError:  # env vars still limit libraries loaded from now on
-            self._controller = None
-        else:
-            self._controller = threadpool_limits(limits=n_threads)
-
-    def _restore(self) -> None:
-        if self._controller is not None:
-            self._controller.restore_original_limits()
-            self._controller = None
-        for name, value in self._saved_env.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+                    self._on_owner(self._process_limit.__exit__, None, None, None)
+                    for name, value in self._saved_env.items():
+                        if value is None:
+                            os.environ.pop(name, None)
+                        else:
+                            os.environ[name] = value
 
 
 thread_limits = _ThreadLimits()

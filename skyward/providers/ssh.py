@@ -180,7 +180,9 @@ class HostLauncher(Launcher):
         hostname, port, username: where to log in (username defaults to the local user).
         image: what the node's environment holds.
         pkey, key_filename: client key (else the SSH agent and ``~/.ssh/id_*``).
-        host_keys: pinned host keys; when given, only these are accepted.
+        host_keys: pinned host keys; when given, only these are accepted. Entries are
+            named like known_hosts lines: ``host`` or ``[host]:port`` (an entry for the
+            bare ``hostname`` also applies to a non-default ``port``).
         known_hosts: trusted host keys file when ``host_keys`` is not given
             (default ``~/.ssh/known_hosts``).
         python: interpreter on the host that creates the environment.
@@ -272,8 +274,11 @@ class HostLauncher(Launcher):
         if self.host_keys is not None:
             keys = client.get_host_keys()
             for entry, by_type in self.host_keys.items():
+                # A key pinned for the bare address also counts for a non-default port.
+                names = {entry, self._known_hosts_name() if entry == self.hostname else entry}
                 for key in by_type.values():
-                    keys.add(entry, key.get_name(), key)
+                    for name in names:
+                        keys.add(name, key.get_name(), key)
             source = "the pinned host keys"
         else:
             path = os.path.expanduser(self.known_hosts or DEFAULT_KNOWN_HOSTS)
@@ -303,12 +308,17 @@ class HostLauncher(Launcher):
                 allow_agent=self.pkey is None and self.key_filename is None,
             )
         except paramiko.BadHostKeyException as exc:
+            if self.host_keys is None:
+                fix = (
+                    f"if the host was reinstalled, remove the old key with `ssh-keygen -R "
+                    f"'{self._known_hosts_name()}' -f {source}` and trust the new one"
+                )
+            else:
+                fix = "if the host was replaced, pin its new key"
             raise HostKeyError(
-                f"{self.name}: host key CHANGED: {source} has {exc.expected_key.get_name()} "
-                f"{exc.expected_key.fingerprint} but the host offered {exc.key.get_name()} "
-                f"{exc.key.fingerprint}. Someone may be intercepting the connection; if the "
-                f"host was reinstalled, remove the old key with `ssh-keygen -R "
-                f"{self._known_hosts_name()} -f {source}` and trust the new one "
+                f"{self.name}: host key CHANGED: trusted ({source}): {exc.expected_key.get_name()} "
+                f"{exc.expected_key.fingerprint}, offered by the host: {exc.key.get_name()} "
+                f"{exc.key.fingerprint}. Someone may be intercepting the connection; {fix} "
                 "(step: connect)"
             ) from None
         except paramiko.AuthenticationException as exc:
@@ -327,7 +337,7 @@ class HostLauncher(Launcher):
         return client
 
     def _known_hosts_name(self) -> str:
-        return self.hostname if self.port == 22 else f"'[{self.hostname}]:{self.port}'"
+        return self.hostname if self.port == 22 else f"[{self.hostname}]:{self.port}"
 
     def _socket(self) -> socket.socket:
         sock = socket.create_connection((self.hostname, self.port), timeout=self.connect_timeout)

@@ -1,0 +1,123 @@
+"""Host keys: unknown and changed keys are refused with the fix in the message; known keys
+connect; pinned keys (as the AWS provider uses) accept only themselves."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import paramiko
+import pytest
+from sshd_hosts import SSHDCluster, write_keypair
+
+import skyward as sky
+from skyward.providers.ssh import HostKeyError, HostLauncher
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def image(ssh_wheelhouse: str) -> sky.Image:
+    return sky.Image(pip=["threadpoolctl"], wheelhouse=ssh_wheelhouse)
+
+
+def provider(cluster: SSHDCluster, known_hosts: str, env_root: str) -> sky.SSH:
+    return sky.SSH(
+        cluster.specs(),
+        key_filename=cluster.key_filename,
+        known_hosts=known_hosts,
+        python=sys.executable,
+        env_root=env_root,
+    )
+
+
+def stranger_key(tmp_path: Path) -> paramiko.PKey:
+    write_keypair(tmp_path / "other_key")
+    return paramiko.Ed25519Key(filename=str(tmp_path / "other_key"))
+
+
+def test_unknown_host_key_is_refused_with_fingerprint_and_fix(
+    ssh_clean: SSHDCluster, ssh_env_root: str, image: sky.Image, tmp_path: Path
+) -> None:
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    host = ssh_clean.hosts[0]
+    with pytest.raises(HostKeyError) as info:
+        with sky.Compute(provider(ssh_clean, str(empty), ssh_env_root), nodes=3, image=image):
+            pytest.fail("an unknown host key must not connect")
+    message = str(info.value)
+    assert message.startswith(f"{host.address}:{host.port}: host key not trusted")
+    assert host.host_key().fingerprint in message
+    assert f"ssh-keyscan -p {host.port} {host.address}" in message
+    assert str(empty) in message
+
+
+def test_changed_host_key_is_refused(
+    ssh_clean: SSHDCluster, ssh_env_root: str, image: sky.Image, tmp_path: Path
+) -> None:
+    host = ssh_clean.hosts[1]
+    old = stranger_key(tmp_path)
+    known = tmp_path / "known_hosts"
+    lines = Path(ssh_clean.known_hosts).read_text().splitlines()
+    lines[1] = f"[{host.address}]:{host.port} {old.get_name()} {old.get_base64()}"
+    known.write_text("\n".join(lines) + "\n")
+    with pytest.raises(HostKeyError) as info:
+        with sky.Compute(provider(ssh_clean, str(known), ssh_env_root), nodes=3, image=image):
+            pytest.fail("a changed host key must not connect")
+    message = str(info.value)
+    assert message.startswith(f"{host.address}:{host.port}: host key CHANGED")
+    assert old.fingerprint in message and host.host_key().fingerprint in message
+    assert "ssh-keygen -R" in message
+
+
+def test_known_host_keys_connect(
+    ssh_clean: SSHDCluster, ssh_env_root: str, image: sky.Image
+) -> None:
+    with sky.Compute(
+        provider(ssh_clean, ssh_clean.known_hosts, ssh_env_root), nodes=3, image=image
+    ) as compute:
+        assert sum(compute.map(int, ["1", "2", "3"])) == 6
+        assert all(node.alive for node in compute.nodes)
+
+
+def launcher(
+    cluster: SSHDCluster, keys: paramiko.HostKeys, env_root: str, image: sky.Image
+) -> HostLauncher:
+    host = cluster.hosts[2]
+    return HostLauncher(
+        "pinned",
+        host.address,
+        host.port,
+        cluster.user,
+        image=image,
+        key_filename=cluster.key_filename,
+        host_keys=keys,
+        python=sys.executable,
+        env_root=env_root,
+    )
+
+
+def test_pinned_host_key_accepts_only_itself(
+    ssh_clean: SSHDCluster, ssh_env_root: str, image: sky.Image, tmp_path: Path
+) -> None:
+    host = ssh_clean.hosts[2]
+    right = paramiko.HostKeys()
+    right.add(host.address, "ssh-ed25519", host.host_key())  # bare address: any port
+    node = launcher(ssh_clean, right, ssh_env_root, image)
+    try:
+        channel = node.open()
+        assert channel.pid is not None
+        channel.close()
+    finally:
+        node.close()
+    node.close()  # idempotent
+
+    wrong = paramiko.HostKeys()
+    wrong.add(f"[{host.address}]:{host.port}", "ssh-ed25519", stranger_key(tmp_path))
+    # The session known_hosts would trust the host; pinned keys replace it entirely.
+    node = launcher(ssh_clean, wrong, ssh_env_root, image)
+    node.known_hosts = ssh_clean.known_hosts
+    with pytest.raises(HostKeyError, match="CHANGED.*pin its new key"):
+        node.open()
+    node.close()
+

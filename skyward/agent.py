@@ -59,7 +59,7 @@ class BlobCache:
     def put(self, key: str, data: bytes) -> None:
         value: Any = data
         if not self.keep_bytes:
-            value = pickle.loads(data)
+            value = wire.loads_blob(data)
             if type(value).__name__ == "ndarray" and hasattr(value, "setflags"):
                 value.setflags(write=False)
         with self._lock:
@@ -259,14 +259,14 @@ class Agent:
     def finish(self, task_id: int, status: Status, body: bytes, busy: float = 0.0) -> None:
         with self.lock:
             self.cancelled.discard(task_id)
-        self.forward(wire.encode_obj(Kind.RESULT, (task_id, int(status), body)), busy)
+        self.forward((task_id, int(status), body), busy)
 
-    def forward(self, frame: bytes, busy: float) -> None:
-        """Send a RESULT frame and count the slot time it took."""
+    def forward(self, result: tuple[int, int, bytes], busy: float) -> None:
+        """Send one result and count the slot time it took."""
         with self.lock:
             self.tasks_done += 1
             self.busy += busy
-        self.outbox.put(frame)
+        self.outbox.put_item(Kind.RESULT, result)
 
     def cancel(self, task_id: int) -> None:
         with self.lock:
@@ -427,7 +427,9 @@ class Slot:
             elif kind == Kind.RESULT:
                 with self.owner.lock:
                     self.task_id = None
-                agent.forward(wire.encode(Kind.RESULT, body), time.perf_counter() - self.sent_at)
+                busy = time.perf_counter() - self.sent_at
+                for result in pickle.loads(body):
+                    agent.forward(result, busy)
                 self.owner.pump()
         code = proc.wait()
         if not self.alive:

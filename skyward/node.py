@@ -154,8 +154,7 @@ class Node:
                 self.bytes_received += size
                 self.last_heard = time.monotonic()
                 if kind == Kind.RESULT:
-                    task_id, status, payload = pickle.loads(body)
-                    scheduler.on_result(self, task_id, wire.Status(status), payload)
+                    scheduler.on_results(self, pickle.loads(body))
                 elif kind == Kind.HEARTBEAT:
                     self.agent_stats = pickle.loads(body)
                     self.heartbeats += 1

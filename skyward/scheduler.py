@@ -168,17 +168,22 @@ class Scheduler:
 
     # --- results --------------------------------------------------------------------------
 
-    def on_result(self, node: Node, task_id: int, status: Status, payload: bytes) -> None:
-        """Called by a node's reader thread for each RESULT frame."""
+    def on_results(self, node: Node, results: list[tuple[int, int, bytes]]) -> None:
+        """Called by a node's reader thread with the ``(task_id, status, payload)`` of a frame."""
+        done: list[tuple[TaskRecord, Status, bytes]] = []
         with self.lock:
-            record = node.inflight.pop(task_id, None)
-            if record is None:
-                return  # stale: the node was declared lost and the task rerun elsewhere
-            if node.alive:
-                self._tokens.append(node)
-            node.tasks_done += 1
-            retry = status == Status.WORKER_DIED and self._retry(record, pickle.loads(payload))
-        if not retry:
+            for task_id, code, payload in results:
+                record = node.inflight.pop(task_id, None)
+                if record is None:
+                    continue  # stale: the node was declared lost and the task rerun elsewhere
+                if node.alive:
+                    self._tokens.append(node)
+                node.tasks_done += 1
+                status = Status(code)
+                if status == Status.WORKER_DIED and self._retry(record, pickle.loads(payload)):
+                    continue
+                done.append((record, status, payload))
+        for record, status, payload in done:
             self._resolve(record, status, payload, node)
         self._pump()
 

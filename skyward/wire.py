@@ -132,13 +132,19 @@ def _read_exact(stream: IO[bytes], n: int) -> bytes | None:
 
 
 class Outbox:
-    """Frames queued for the peer; one writer thread coalesces them into few writes."""
+    """Frames queued for the peer; one writer thread coalesces them into few writes.
+
+    Items queued with :meth:`put_item` are gathered per kind into one list-bodied
+    frame per write, after the raw frames queued before them: many small tasks
+    or results cost one frame, one pickle and one syscall.
+    """
 
     def __init__(
         self, stream: IO[bytes], on_broken: Callable[[], object], name: str = "skyward-outbox"
     ) -> None:
         self._stream = stream
         self._frames: deque[bytes] = deque()
+        self._items: dict[Kind, list[Any]] = {}
         self._ready = threading.Condition()
         self._on_broken = on_broken
         self.sent = 0
@@ -155,28 +161,39 @@ class Outbox:
             self._frames.append(frame)
             self._ready.notify()
 
+    def put_item(self, kind: Kind, item: object) -> None:
+        """Queue one item of a list-bodied frame (``TASK`` or ``RESULT``)."""
+        with self._ready:
+            if self._closed:
+                return
+            self._items.setdefault(kind, []).append(item)
+            self._ready.notify()
+
     @property
     def pending(self) -> bool:
         """Whether frames are queued or being written."""
-        return bool(self._frames) or self._writing
+        return bool(self._frames) or bool(self._items) or self._writing
 
     def close(self) -> None:
         """Stop writing; frames not yet written are dropped."""
         with self._ready:
             self._closed = True
             self._frames.clear()
+            self._items.clear()
             self._ready.notify()
 
     def _run(self) -> None:
         while True:
             with self._ready:
-                while not self._frames and not self._closed:
+                while not self._frames and not self._items and not self._closed:
                     self._ready.wait()
                 if self._closed:
                     return
                 batch = list(self._frames)
                 self._frames.clear()
+                items, self._items = self._items, {}
                 self._writing = True
+            batch.extend(encode_obj(kind, values) for kind, values in items.items())
             data = b"".join(batch)
             try:
                 self._stream.write(data)
@@ -385,6 +402,28 @@ class MissingBlobError(LookupError):
     """A task references a blob the agent does not hold."""
 
 
+# Unpickling imports modules. Two threads importing one package (numpy) for the first
+# time at once can see it half-initialized ("partially initialized module"), so the
+# agent's threads unpickle one at a time.
+_unpickling = threading.RLock()
+
+
+@dataclass
+class UnloadableBlob:
+    """A blob the agent could not unpickle on arrival; tasks using it retry and report why."""
+
+    data: bytes
+
+
+def loads_blob(data: bytes) -> Any:
+    """Deserialize a blob; on failure keep its bytes so each task using it reports the error."""
+    try:
+        with _unpickling:
+            return pickle.loads(data)
+    except Exception:
+        return UnloadableBlob(data)
+
+
 class _TaskUnpickler(pickle.Unpickler):
     def __init__(self, file: IO[bytes], blobs: dict[str, Any]) -> None:
         super().__init__(file)
@@ -392,14 +431,18 @@ class _TaskUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid: Any) -> Any:
         try:
-            return self._blobs[pid]
+            value = self._blobs[pid]
         except KeyError:
             raise MissingBlobError(pid) from None
+        if isinstance(value, UnloadableBlob):
+            return pickle.loads(value.data)
+        return value
 
 
 def loads_task(payload: bytes, blobs: dict[str, Any]) -> Any:
     """Deserialize a task payload, resolving blob references from ``blobs``."""
-    return _TaskUnpickler(io.BytesIO(payload), blobs).load()
+    with _unpickling:
+        return _TaskUnpickler(io.BytesIO(payload), blobs).load()
 
 
 def dumps_result(value: object) -> bytes:

@@ -28,12 +28,16 @@ def need(available: bool, what: str) -> None:
     pytest.skip(message)
 
 
-def agent_processes() -> list[psutil.Process]:
-    """Every running ``skyward.agent`` process on this machine (any user, any parent)."""
+def agent_processes(own: bool = False) -> list[psutil.Process]:
+    """Running ``skyward.agent`` processes: all of this machine's, or with ``own`` only
+    this test process's descendants (other test runs on the machine do not count)."""
     found = []
-    for proc in psutil.process_iter(["cmdline"]):
+    candidates = (
+        psutil.Process().children(recursive=True) if own else psutil.process_iter(["cmdline"])
+    )
+    for proc in candidates:
         try:
-            cmdline = proc.info["cmdline"] or []
+            cmdline = proc.cmdline()
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
         if "skyward.agent" in cmdline and proc.status() != psutil.STATUS_ZOMBIE:
@@ -53,9 +57,8 @@ def wait_until(condition: Callable[[], bool], timeout: float = 5.0, step: float 
 
 @pytest.fixture
 def no_agents_left() -> Iterator[None]:
-    """Assert that a test leaves no agent process behind (5 s grace)."""
-    before = {p.pid for p in agent_processes()}
+    """Assert that a test leaves none of its own agent processes behind (5 s grace)."""
+    before = {p.pid for p in agent_processes(own=True)}
     yield
-    assert wait_until(lambda: not ({p.pid for p in agent_processes()} - before), 5.0), (
-        f"agent processes left running: {[p.pid for p in agent_processes()]}"
-    )
+    left = lambda: {p.pid for p in agent_processes(own=True)} - before  # noqa: E731
+    assert wait_until(lambda: not left(), 5.0), f"agent processes left running: {left()}"

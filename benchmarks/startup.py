@@ -1,0 +1,99 @@
+"""Start-up: from constructor to the first result, for 4 workers, against loky and dask.
+
+Skyward: ``Compute(nodes=4)`` on Local, entered, first ``submit`` answered
+(goal DESIGN.md §9: ready in <= 1 s). Peers on the same 4 workers: a fresh
+loky executor and a dask.distributed ``LocalCluster`` (processes, loopback).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import skyward as sky
+from benchmarks.common import Row
+
+WORKERS = 4
+
+
+def _skyward() -> float:
+    start = time.perf_counter()
+    with sky.Compute(nodes=WORKERS) as compute:
+        ready = time.perf_counter() - start
+        compute.submit(abs, -1).result()
+    return ready
+
+
+def _loky() -> float:
+    from loky import get_reusable_executor
+
+    start = time.perf_counter()
+    executor = get_reusable_executor(WORKERS, reuse=False)
+    list(executor.map(abs, range(-WORKERS, 0)))  # loky starts its workers lazily
+    ready = time.perf_counter() - start
+    executor.shutdown(wait=True, kill_workers=True)
+    return ready
+
+
+def _dask() -> float:
+    from distributed import Client, LocalCluster
+
+    start = time.perf_counter()
+    with (
+        LocalCluster(
+            n_workers=WORKERS,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        client.submit(abs, -1).result()
+        ready = time.perf_counter() - start
+    return ready
+
+
+def run(quick: bool) -> list[Row]:
+    """Median of a few cold starts per system."""
+    repeat = 2 if quick else 5
+    systems: dict[str, Callable[[], float]] = {"loky": _loky, "dask": _dask}
+    skyward = sorted(_skyward() for _ in range(repeat))[repeat // 2]
+    rows = [
+        Row(
+            workload=f"start-up {WORKERS} workers",
+            system="skyward Local",
+            metric="ready",
+            value=skyward,
+            unit="s",
+            goal="<= 1 s",
+            met=skyward <= 1.0,
+        )
+    ]
+    for name, measure in systems.items():
+        try:
+            peer = sorted(measure() for _ in range(repeat))[repeat // 2]
+        except ImportError as exc:
+            print(f"  {name} skipped: {exc}")
+            continue
+        rows.append(
+            Row(
+                workload=f"start-up {WORKERS} workers",
+                system=name,
+                metric="ready",
+                value=peer,
+                unit="s",
+            )
+        )
+        rows.append(
+            Row(
+                workload=f"start-up {WORKERS} workers",
+                system="skyward Local",
+                metric="speed-up",
+                value=peer / skyward,
+                unit="x",
+                peer=name,
+                ratio=peer / skyward,
+            )
+        )
+    return rows

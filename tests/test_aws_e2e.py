@@ -1,0 +1,308 @@
+"""sky.AWS end to end: EC2 on a moto server, the "instances" reached on loopback sshd hosts.
+
+Everything but the EC2 API is real: the provider creates the key pair, security group
+and instances on moto, the injected resolver maps instance ``AmiLaunchIndex`` i to
+the i-th loopback daemon, the client pins the per-cluster host key it "handed to the
+instances" (here: the key the daemons run with), logs in with the cluster key pair
+(here: a key the daemons authorize), bootstraps over SSH, runs joblib tasks, and tears
+everything down. moto's own public IPs are never contacted.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import cloudpickle
+import pytest
+from conftest import need, wait_until
+from sshd_hosts import SSHD, bootstrapped_agents, start_sshd, stop_sshd, write_keypair
+
+import skyward as sky
+from skyward.node import NodeStartError
+from skyward.providers.aws import render_wrapper
+
+if TYPE_CHECKING:
+    from moto_ec2 import Moto
+
+pytest_plugins = ["moto_ec2"]
+pytestmark = pytest.mark.timeout(180)
+
+# Three daemons of their own: they share one host key, as a cluster's instances do. Free
+# ports are picked at start, so two test sessions on one machine do not collide.
+ADDRESSES = ("127.0.0.5", "127.0.0.6", "127.0.0.7")
+
+
+def free_port(address: str) -> int:
+    """A TCP port nobody listens on at ``address`` right now."""
+    with socket.socket() as probe:
+        probe.bind((address, 0))
+        return int(probe.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class FakeInstances:
+    """Loopback daemons standing in for the instances, and the keys the provider is given."""
+
+    addresses: tuple[str, ...]
+    ports: tuple[int, ...]
+    host_key_file: str
+    client_key_file: str
+    pids: tuple[int, ...]
+
+    def resolver(self, instance: Mapping[str, Any]) -> tuple[str, int]:
+        """Instance -> its daemon: the i-th instance of the reservation, the i-th address."""
+        index = instance["AmiLaunchIndex"]
+        return self.addresses[index], self.ports[index]
+
+    def specs(self) -> list[str]:
+        """``address:port`` of every daemon."""
+        return [f"{a}:{p}" for a, p in zip(self.addresses, self.ports, strict=True)]
+
+    def sessions(self) -> list[int]:
+        """Pids of sshd processes serving connections (children of the daemons)."""
+        import psutil
+
+        found = []
+        for pid in self.pids:
+            try:
+                found += [p.pid for p in psutil.Process(pid).children(recursive=True)]
+            except psutil.NoSuchProcess:
+                pass
+        return found
+
+
+@pytest.fixture(scope="module")
+def fake_instances() -> Iterator[FakeInstances]:
+    need(os.path.exists(SSHD), "sshd (package openssh-server)")
+    os.makedirs("/run/sshd", exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="skyward-aws-sshd-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        host_key = workdir / "cluster_host_key"
+        write_keypair(host_key)
+        client_key = workdir / "cluster_login_key"
+        authorized = workdir / "authorized_keys"
+        authorized.write_text(write_keypair(client_key) + "\n")
+        ports = tuple(free_port(address) for address in ADDRESSES)
+        for address, port in zip(ADDRESSES, ports, strict=True):
+            procs.append(start_sshd(address, port, host_key, authorized, workdir))
+        yield FakeInstances(
+            ADDRESSES, ports, str(host_key), str(client_key), tuple(p.pid for p in procs)
+        )
+    finally:
+        for proc in procs:
+            stop_sshd(proc)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _tasks_by_value() -> Iterator[None]:
+    module = sys.modules[__name__]
+    cloudpickle.register_pickle_by_value(module)
+    try:
+        yield
+    finally:
+        cloudpickle.unregister_pickle_by_value(module)
+
+
+@pytest.fixture
+def clean(fake_instances: FakeInstances) -> Iterator[FakeInstances]:
+    """Afterwards: no bootstrapped agent and no sshd session left (5 s grace)."""
+    before = {p.pid for p in bootstrapped_agents()}
+    yield fake_instances
+    assert wait_until(lambda: not ({p.pid for p in bootstrapped_agents()} - before), 5.0)
+    assert wait_until(lambda: not fake_instances.sessions(), 5.0), fake_instances.sessions()
+
+
+@pytest.fixture
+def image(ssh_wheelhouse: str) -> sky.Image:
+    return sky.Image(pip=["threadpoolctl"], wheelhouse=ssh_wheelhouse)
+
+
+@pytest.fixture
+def provider(
+    aws_provider: Callable[..., Any], clean: FakeInstances, ssh_env_root: str
+) -> Callable[..., Any]:
+    """``sky.AWS`` on moto whose instances are the loopback daemons."""
+
+    def make(**options: Any) -> Any:
+        defaults = {
+            "resolve_address": clean.resolver,
+            "host_key": clean.host_key_file,
+            "ssh_key": clean.client_key_file,
+            "user": getpass.getuser(),
+            "python": sys.executable,
+            "env_root": ssh_env_root,
+        }
+        return aws_provider(**{**defaults, **options})
+
+    return make
+
+
+def served_by() -> str:
+    """The sshd address this task's agent was reached through."""
+    return os.environ["SSH_CONNECTION"].split()[2]
+
+
+def test_joblib_parallel_on_three_instances_then_nothing_is_left(
+    moto: Moto, provider: Callable[..., Any], image: sky.Image
+) -> None:
+    from joblib import Parallel, delayed
+
+    with sky.Compute(
+        provider=provider(),
+        nodes=3,
+        worker=sky.Worker(concurrency=2),
+        image=image,
+        plugins=[sky.plugins.joblib()],
+    ) as compute:
+        cluster_id = compute.cluster_id
+        instances = moto.live_instances(cluster_id)
+        assert {i["State"]["Name"] for i in instances} == {"running"}
+        assert sorted(n.name for n in compute.nodes) == sorted(i["InstanceId"] for i in instances)
+        where = Parallel(n_jobs=-1)(delayed(served_by)() for _ in range(60))
+        squares = Parallel(n_jobs=-1)(delayed(pow)(i, 2) for i in range(100))
+    assert squares == [i * i for i in range(100)]
+    assert set(where) == set(ADDRESSES)
+    assert moto.leftovers(cluster_id) == []
+    assert {i["State"]["Name"] for i in moto.all_instances(cluster_id)} == {"terminated"}
+
+
+def test_exception_in_the_block_removes_everything(
+    moto: Moto, provider: Callable[..., Any], image: sky.Image
+) -> None:
+    with pytest.raises(KeyError, match="boom"):
+        with sky.Compute(provider=provider(), nodes=2, image=image) as compute:
+            cluster_id = compute.cluster_id
+            assert compute.submit(served_by).result() in ADDRESSES
+            raise KeyError("boom")
+    assert moto.leftovers(cluster_id) == []
+
+
+def test_host_key_other_than_the_pinned_one_is_refused(
+    moto: Moto,
+    provider: Callable[..., Any],
+    clean: FakeInstances,
+    image: sky.Image,
+    tmp_path: Path,
+) -> None:
+    """The daemons present the cluster key; the client pins a different one: refused."""
+    write_keypair(tmp_path / "pinned")
+    seen: list[str] = []
+
+    def resolver(instance: Mapping[str, Any]) -> tuple[str, int]:
+        seen.append(next(t["Value"] for t in instance["Tags"] if t["Key"] == "skyward:cluster"))
+        return clean.resolver(instance)
+
+    aws = provider(host_key=tmp_path / "pinned", resolve_address=resolver)
+    with pytest.raises(NodeStartError, match="host key CHANGED") as info:
+        with sky.Compute(provider=aws, nodes=1, image=image):
+            pytest.fail("a host presenting another key must not be used")
+    assert "the pinned host keys" in str(info.value)
+    assert moto.leftovers(seen[0]) == []
+
+
+def test_node_waits_while_the_instance_is_still_installing_python(
+    moto: Moto,
+    provider: Callable[..., Any],
+    image: sky.Image,
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """The user-data wrapper says "still setting up" until ready; the launcher retries."""
+    wrapper = tmp_path / "skyward-python"
+    wrapper.write_text(render_wrapper(str(tmp_path), wait_seconds=1))
+    wrapper.chmod(0o755)
+    calls = tmp_path / "calls"
+    counting = tmp_path / "counting-python"
+    counting.write_text(f'#!/bin/sh\necho call >> {calls}\nexec {wrapper} "$@"\n')
+    counting.chmod(0o755)
+
+    def finish_setup() -> None:
+        # The set-up "completes" once the client came back after a "still running" answer.
+        wait_until(lambda: calls.exists() and len(calls.read_text().split()) >= 2, 60, 0.05)
+        (tmp_path / "python").write_text(sys.executable + "\n")
+        (tmp_path / "ready").touch()
+
+    finisher = threading.Thread(target=finish_setup, daemon=True)
+    finisher.start()
+    # A fresh environment folder: a warm one would start the agent without the wrapper.
+    aws = provider(
+        python=str(counting), progress=True, poll_interval=0.2, env_root=str(tmp_path / "envs")
+    )
+    with sky.Compute(provider=aws, nodes=1, image=image) as compute:
+        assert compute.submit(served_by).result() == ADDRESSES[0]
+    finisher.join(5)
+    err = capfd.readouterr().err
+    assert "instance still installing Python; retrying" in err, err
+
+
+CLIENT = textwrap.dedent(
+    """
+    import sys, time
+    import skyward as sky
+    from skyward.providers.aws import AWS
+
+    endpoint, host_key, ssh_key, user, env_root, wheelhouse, *addresses = sys.argv[1:]
+    provider = AWS(
+        region="us-east-1", endpoint_url=endpoint, ssh_cidr="198.51.100.7/32",
+        instance_type="c6a.large", poll_interval=0.1, progress=True,
+        resolve_address=lambda i: (
+            addresses[i["AmiLaunchIndex"]].split(":")[0],
+            int(addresses[i["AmiLaunchIndex"]].split(":")[1]),
+        ),
+        host_key=host_key, ssh_key=ssh_key, user=user, python=sys.executable,
+        env_root=env_root,
+    )
+    image = sky.Image(pip=["threadpoolctl"], wheelhouse=wheelhouse)
+    with sky.Compute(provider=provider, nodes=2, image=image) as compute:
+        compute.submit(print, "warm").result()
+        print("READY", compute.cluster_id, flush=True)
+        time.sleep(120)
+    """
+)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_to_a_running_client_removes_everything(
+    moto: Moto, clean: FakeInstances, ssh_env_root: str, ssh_wheelhouse: str, signum: int
+) -> None:
+    args = [
+        moto.endpoint, clean.host_key_file, clean.client_key_file, getpass.getuser(),
+        ssh_env_root, ssh_wheelhouse, *clean.specs(),
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CLIENT, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=moto.env(),
+    )
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        line = proc.stdout.readline()  # bounded by the test timeout
+        assert line.startswith("READY "), line + proc.stderr.read()
+        cluster_id = line.split()[1]
+        assert len(moto.live_instances(cluster_id)) == 2
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode != 0
+    assert "terminating 2 instance(s)" in err, err
+    assert moto.leftovers(cluster_id) == []

@@ -145,7 +145,9 @@ def test_many_tiny_tasks_are_batched(cluster):
 # --- how many in flight ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("n_jobs", "expected"), [(-1, SLOTS), (-2, SLOTS - 1), (3, 3), (20, SLOTS)])
+@pytest.mark.parametrize(
+    ("n_jobs", "expected"), [(-1, SLOTS), (-2, SLOTS - 1), (3, 3), (20, SLOTS)]
+)
 def test_tasks_in_flight_match_n_jobs(cluster, tmp_path, n_jobs, expected):
     assert expected == min(SkywardBackend().effective_n_jobs(n_jobs), SLOTS)
     seen = Parallel(n_jobs=n_jobs, batch_size=1)(
@@ -189,11 +191,15 @@ def test_error_keeps_type_and_remote_traceback(cluster):
 
 
 def test_inner_max_num_threads_applies_on_the_worker(cluster):
-    unlimited = Parallel(n_jobs=2, batch_size=1)(delayed(blas_threads_and_env)() for _ in range(2))
+    def probe(count: int) -> list[tuple[int, str | None]]:
+        calls = (delayed(blas_threads_and_env)() for _ in range(count))
+        return Parallel(n_jobs=2, batch_size=1)(calls)
+
+    unlimited = probe(2)
     with parallel_config(backend="skyward", inner_max_num_threads=1):
-        limited = Parallel(n_jobs=2, batch_size=1)(delayed(blas_threads_and_env)() for _ in range(4))
+        limited = probe(4)
     assert set(limited) == {(1, "1")}
-    after = Parallel(n_jobs=2, batch_size=1)(delayed(blas_threads_and_env)() for _ in range(2))
+    after = probe(2)
     assert after == unlimited  # the agents' own settings came back
 
 

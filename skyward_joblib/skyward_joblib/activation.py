@@ -56,7 +56,7 @@ def process_default(compute: Compute) -> Iterator[None]:
     global _saved
     with _lock:
         if not _computes:
-            filters = warnings.filters
+            filters: list[Any] = warnings.filters  # type: ignore[assignment]
             _saved = (joblib_parallel.DEFAULT_BACKEND, filters, list(filters))
             filters[:] = worker_safe(filters)
             _filters_mutated()

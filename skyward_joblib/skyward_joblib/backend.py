@@ -49,7 +49,7 @@ def _settle(setter: Any, value: Any) -> None:
         pass
 
 
-class SkywardBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[misc]
+class SkywardBackend(AutoBatchingMixin, ParallelBackendBase):
     """Run joblib batches on the slots of a Skyward cluster.
 
     ``n_jobs=-1`` means every live slot (nodes x concurrency), ``-2`` all but one;
@@ -137,7 +137,7 @@ class SkywardBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[mi
         require: str | None = None,
         **backend_kwargs: Any,
     ) -> int:
-        """Bind to the cluster for one ``Parallel`` call; fall back where a cluster makes no sense."""
+        """Bind to the cluster for one ``Parallel`` call, or fall back to a local backend."""
         if in_agent():
             raise FallbackToBackend(_local_backend(self.nesting_level))
         n = self.effective_n_jobs(n_jobs)

@@ -1,4 +1,4 @@
-"""The joblib plugin: adds joblib to the worker image and routes ``joblib.Parallel`` to the cluster."""
+"""The joblib plugin: joblib on the worker image, ``joblib.Parallel`` routed to the cluster."""
 
 from __future__ import annotations
 
@@ -47,8 +47,9 @@ def use_cluster(compute: Compute) -> Iterator[None]:
         yield
         return
     register_parallel_backend(activation.BACKEND_NAME, SkywardBackend)
-    with activation.process_default(compute), parallel_config(
-        backend=SkywardBackend(compute=compute)
+    with (
+        activation.process_default(compute),
+        parallel_config(backend=SkywardBackend(compute=compute)),
     ):
         yield
 

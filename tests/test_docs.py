@@ -129,6 +129,7 @@ def test_page_examples_run(page: Path, tmp_path: Path) -> None:
         json.dumps([{"line": b.line, "source": b.source, "path": str(page)} for b in runnable])
     )
     marker = uuid.uuid4().hex
+    done: subprocess.CompletedProcess[str] | subprocess.TimeoutExpired
     try:
         done = subprocess.run(
             [sys.executable, "-c", RUNNER, str(script)],

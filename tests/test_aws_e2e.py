@@ -192,6 +192,22 @@ def test_exception_in_the_block_removes_everything(
     assert moto.leftovers(cluster_id) == []
 
 
+def test_lost_node_is_restarted_on_its_instance(
+    moto: Moto, provider: Callable[..., Any], image: sky.Image
+) -> None:
+    """A killed agent: the node is reopened on the same (still running) instance."""
+    with sky.Compute(provider=provider(), nodes=2, image=image) as compute:
+        cluster_id = compute.cluster_id
+        old_pid = compute.nodes[0].pid
+        assert old_pid is not None
+        os.kill(old_pid, signal.SIGKILL)
+        assert wait_until(lambda: compute.nodes[0].alive and compute.nodes[0].pid != old_pid, 60)
+        assert compute.total_slots == 2
+        assert len(moto.live_instances(cluster_id)) == 2
+        assert set(compute.map(lambda _: served_by(), range(20))) <= set(ADDRESSES[:2])
+    assert moto.leftovers(cluster_id) == []
+
+
 def test_host_key_other_than_the_pinned_one_is_refused(
     moto: Moto,
     provider: Callable[..., Any],
@@ -256,7 +272,7 @@ CLIENT = textwrap.dedent(
     import skyward as sky
     from skyward.providers.aws import AWS
 
-    endpoint, host_key, ssh_key, user, env_root, wheelhouse, *addresses = sys.argv[1:]
+    mode, endpoint, host_key, ssh_key, user, env_root, wheelhouse, *addresses = sys.argv[1:]
     provider = AWS(
         region="us-east-1", endpoint_url=endpoint, ssh_cidr="198.51.100.7/32",
         instance_type="c6a.large", poll_interval=0.1, progress=True,
@@ -268,21 +284,25 @@ CLIENT = textwrap.dedent(
         env_root=env_root,
     )
     image = sky.Image(pip=["threadpoolctl"], wheelhouse=wheelhouse)
-    with sky.Compute(provider=provider, nodes=2, image=image) as compute:
-        compute.submit(print, "warm").result()
-        print("READY", compute.cluster_id, flush=True)
+    compute = sky.Compute(provider=provider, nodes=2, image=image).__enter__()
+    compute.submit(print, "warm").result()
+    print("READY", compute.cluster_id, flush=True)
+    if mode == "signal":
         time.sleep(120)
+    # mode "exit": the interpreter exits with the cluster still up (no `with` block)
     """
 )
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_signal_to_a_running_client_removes_everything(
-    moto: Moto, clean: FakeInstances, ssh_env_root: str, ssh_wheelhouse: str, signum: int
+@pytest.mark.parametrize(
+    "how", [signal.SIGINT, signal.SIGTERM, None], ids=["SIGINT", "SIGTERM", "interpreter-exit"]
+)
+def test_running_client_interrupted_or_exiting_removes_everything(
+    moto: Moto, clean: FakeInstances, ssh_env_root: str, ssh_wheelhouse: str, how: int | None
 ) -> None:
     args = [
-        moto.endpoint, clean.host_key_file, clean.client_key_file, getpass.getuser(),
-        ssh_env_root, ssh_wheelhouse, *clean.specs(),
+        "signal" if how else "exit", moto.endpoint, clean.host_key_file, clean.client_key_file,
+        getpass.getuser(), ssh_env_root, ssh_wheelhouse, *clean.specs(),
     ]  # fmt: skip
     proc = subprocess.Popen(
         [sys.executable, "-c", CLIENT, *args],
@@ -296,13 +316,14 @@ def test_signal_to_a_running_client_removes_everything(
         line = proc.stdout.readline()  # bounded by the test timeout
         assert line.startswith("READY "), line + proc.stderr.read()
         cluster_id = line.split()[1]
-        assert len(moto.live_instances(cluster_id)) == 2
-        proc.send_signal(signum)
+        if how is not None:
+            assert len(moto.live_instances(cluster_id)) == 2
+            proc.send_signal(how)
         _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    assert proc.returncode != 0
+    assert (proc.returncode != 0) == (how is not None), err
     assert "terminating 2 instance(s)" in err, err
     assert moto.leftovers(cluster_id) == []

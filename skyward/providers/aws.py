@@ -937,6 +937,9 @@ def _ssh_rule(cidr: str) -> dict[str, Any]:
     return rule
 
 
+_REOPEN_TIMEOUT = 120.0  # seconds for a restarted node to reach its (running) instance again
+
+
 class _EC2Launcher(Launcher):
     """Wait for one instance's SSH port, then open it like any SSH host.
 
@@ -960,6 +963,7 @@ class _EC2Launcher(Launcher):
         self.progress = progress
         self.host_options = host_options
         self._host: HostLauncher | None = None
+        self._opened = 0
         self._lock = threading.Lock()
         self._closed = threading.Event()
 
@@ -967,7 +971,15 @@ class _EC2Launcher(Launcher):
         from skyward.node import NodeStartError
         from skyward.providers.ssh import HostLauncher
 
-        self._wait_for_ssh()
+        with self._lock:
+            # A restart of a lost node opens again: drop the old connection, allow new time.
+            previous, self._host = self._host, None
+            first = self._opened == 0
+            self._opened += 1
+        if previous is not None:
+            previous.close()
+        deadline = self.deadline if first else time.monotonic() + _REOPEN_TIMEOUT
+        self._wait_for_ssh(deadline)
         host, port = self.address
         while True:
             launcher = HostLauncher(self.name, host, port, **self.host_options)
@@ -978,15 +990,15 @@ class _EC2Launcher(Launcher):
             try:
                 return launcher.open()
             except NodeStartError as exc:
-                if SETUP_PENDING not in str(exc) or time.monotonic() >= self.deadline:
+                if SETUP_PENDING not in str(exc) or time.monotonic() >= deadline:
                     raise
             _say(f"{self.name}: instance still installing Python; retrying", self.progress)
-            self._closed.wait(min(self.poll, max(0.0, self.deadline - time.monotonic())))
+            self._closed.wait(min(self.poll, max(0.0, deadline - time.monotonic())))
 
-    def _wait_for_ssh(self) -> None:
+    def _wait_for_ssh(self, deadline: float) -> None:
         host, port = self.address
         while not self._closed.is_set():
-            remaining = self.deadline - time.monotonic()
+            remaining = deadline - time.monotonic()
             try:
                 with socket.create_connection((host, port), timeout=max(0.1, min(5, remaining))):
                     return
@@ -997,7 +1009,7 @@ class _EC2Launcher(Launcher):
                         f"deadline ({exc}); check that sky.AWS(ssh_cidr=...) includes this "
                         "client's public address and that the subnet gives public IPs"
                     ) from exc
-            self._closed.wait(min(self.poll, max(0.0, self.deadline - time.monotonic())))
+            self._closed.wait(min(self.poll, max(0.0, deadline - time.monotonic())))
         raise RuntimeError(f"{self.name}: the cluster is shutting down")
 
     def close(self) -> None:

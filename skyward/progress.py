@@ -29,7 +29,12 @@ class Progress:
         """Start (or switch to) redrawing ``status()`` every ``interval`` seconds."""
         if not self.enabled:
             return
+        if self._status is not None and self._thread is not None:
+            self._draw()  # the final state of the previous status keeps its line
+            self._write("\n")
+            self._width = 0
         self._status = status
+        self._draw()
         if self._thread is None:
             self._stop.clear()
             self._thread = threading.Thread(target=self._run, name="skyward-progress", daemon=True)
@@ -45,6 +50,7 @@ class Progress:
         self._draw()
         self._write("\n")
         self._width = 0
+        self._status = None
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

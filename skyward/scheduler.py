@@ -1,9 +1,14 @@
 """Dispatch of tasks to node slots: queueing, retries after node loss, cancellation.
 
-Free capacity is a deque of *tokens*, one per slot (plus a small prefetch per
-node), interleaved across nodes: dispatch pops a token, a result pushes it back.
-Both are O(1), spread work evenly, and need no scan over nodes. Tokens of a
-dead node are dropped lazily when popped.
+Free capacity is held as *tokens*, one per free slot, interleaved across
+nodes: dispatch pops a token, a result pushes one back. Both are O(1), spread
+work evenly and need no scan over nodes. Tokens of a dead node are dropped
+lazily when popped.
+
+Each node also has a few *prefetch* tokens (tasks queued on the agent behind
+its busy slots, hiding the round trip of tiny tasks). They are used only while
+more than one wave of work is queued: in the last wave, a task queued behind a
+busy slot would wait there while another node's slot sits idle.
 """
 
 from __future__ import annotations
@@ -83,7 +88,9 @@ class Scheduler:
         self.lock = threading.Lock()
         self.nodes: list[Node] = []
         self._queue: deque[TaskRecord] = deque()
-        self._tokens: deque[Node] = deque()
+        self._slots: deque[Node] = deque()
+        self._extra: deque[Node] = deque()
+        self._live = 0
         self._ids = itertools.count()
         self.closed = False
         self.submitted = 0
@@ -107,10 +114,28 @@ class Scheduler:
     def _add_tokens(self, nodes: list[Node]) -> None:
         width = max((n.concurrency for n in nodes), default=0)
         for i in range(width):  # one slot of every node, then the next slot of every node
-            self._tokens.extend(n for n in nodes if i < n.concurrency)
+            self._slots.extend(n for n in nodes if i < n.concurrency)
         for n in nodes:
             extra = self.prefetch if self.prefetch is not None else max(1, n.concurrency // 4)
-            self._tokens.extend([n] * extra)
+            self._extra.extend([n] * extra)
+            self._live += n.concurrency
+
+    def _take(self) -> tuple[Node, deque[Node]] | None:
+        """A live node with capacity, and the token deque it came from (lock held)."""
+        for tokens in (self._slots, self._extra):
+            if tokens is self._extra and len(self._queue) <= self._live:
+                return None
+            while tokens:
+                node = tokens.popleft()
+                if node.alive:
+                    return node, tokens
+        return None
+
+    def _release(self, node: Node) -> None:
+        """Give back the capacity of a finished task of ``node`` (lock held)."""
+        if node.alive:
+            busy = len(node.inflight) >= node.concurrency
+            (self._extra if busy else self._slots).append(node)
 
     @property
     def live_nodes(self) -> list[Node]:
@@ -145,19 +170,20 @@ class Scheduler:
     def _pump(self) -> None:
         batches: dict[Node, list[TaskRecord]] = {}
         with self.lock:
-            while self._queue and self._tokens:
-                node = self._tokens.popleft()
-                if not node.alive:
-                    continue
+            while self._queue:
+                taken = self._take()
+                if taken is None:
+                    break
+                node, tokens = taken
                 record = self._queue.popleft()
                 if not record.started:
                     if not record.future.set_running_or_notify_cancel():
-                        self._tokens.appendleft(node)
+                        tokens.appendleft(node)
                         self.cancelled += 1
                         continue
                     record.started = True
                 elif record.future.cancelled():
-                    self._tokens.appendleft(node)
+                    tokens.appendleft(node)
                     continue
                 record.node = node
                 record.attempts += 1
@@ -176,8 +202,7 @@ class Scheduler:
                 record = node.inflight.pop(task_id, None)
                 if record is None:
                     continue  # stale: the node was declared lost and the task rerun elsewhere
-                if node.alive:
-                    self._tokens.append(node)
+                self._release(node)
                 node.tasks_done += 1
                 status = Status(code)
                 if status == Status.WORKER_DIED and self._retry(record, pickle.loads(payload)):
@@ -244,6 +269,7 @@ class Scheduler:
             if not node.alive:
                 return
             node.alive = False
+            self._live -= node.concurrency
             log.warning("node %s lost: %s", node.name, reason)
             records = sorted(node.inflight.values(), key=lambda r: r.id)
             node.inflight.clear()

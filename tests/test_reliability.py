@@ -121,11 +121,13 @@ def test_cancelled_tasks_do_not_run(executor: str, tmp_path: Path, no_agents_lef
     with sky.Compute(nodes=1, worker=worker) as compute:
         running = compute.submit(touch_after, str(tmp_path / "running"), 1.0)
         queued = compute.submit(touch_after, str(tmp_path / "queued"), 0.0)
+        tail = compute.submit(slow_identity, 9)  # more than a wave queued: `queued` is prefetched
         assert wait_until(lambda: running.running() and queued.running(), 10)  # both on the agent
         assert queued.cancel()
         if executor == "process":
             assert running.cancel()  # the slot process is killed and replaced
         assert compute.submit(slow_identity, 3).result(timeout=30)[0] == 3
+        assert tail.result(timeout=30)[0] == 9
         time.sleep(1.2)  # past the point where the running task would have touched its file
     assert not (tmp_path / "queued").exists()
     assert (tmp_path / "running").exists() == (executor == "thread")

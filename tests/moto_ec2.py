@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -80,6 +82,36 @@ class Moto:
             + [f"security group {g['GroupId']}" for g in self.groups(cluster_id)]
             + [f"key pair {k['KeyName']}" for k in self.key_pairs(cluster_id)]
         )
+
+    def run_client(
+        self, script: str, args: list[str], marker: str, signum: int | None
+    ) -> tuple[str, int, str]:
+        """Run a client ``script`` in a subprocess on this server.
+
+        Once it prints ``<marker> <cluster id>``, send it ``signum`` (``None``: let it end).
+        Returns the cluster id, its exit code and its stderr (bounded waits).
+        """
+        proc = subprocess.Popen(
+            [sys.executable, "-c", script, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=self.env(),
+        )
+        try:
+            assert proc.stdout is not None and proc.stderr is not None
+            line = proc.stdout.readline()  # bounded by the calling test's timeout
+            assert line.startswith(marker + " "), line + proc.stderr.read()
+            cluster_id = line.split()[1]
+            if signum is not None:
+                assert self.live_instances(cluster_id), "the client created no instance"
+                proc.send_signal(signum)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        return cluster_id, proc.returncode, err
 
 
 def unreachable(instance: Mapping[str, Any]) -> tuple[str, int]:

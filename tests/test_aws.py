@@ -436,26 +436,8 @@ with sky.Compute(provider=provider, nodes=2):
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 @pytest.mark.timeout(90)
 def test_signal_to_client_while_provisioning_removes_everything(moto: Moto, signum: int) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", CLIENT, moto.endpoint],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=moto.env(),
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()  # bounded: the resolver prints once instances run
-        assert line.startswith("CLUSTER "), line + proc.stderr.read()
-        cluster_id = line.split()[1]
-        assert len(moto.live_instances(cluster_id)) == 2
-        proc.send_signal(signum)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode != 0
+    cluster_id, code, err = moto.run_client(CLIENT, [moto.endpoint], "CLUSTER", signum)
+    assert code != 0
     assert "terminating 2 instance(s)" in err, err
     assert wait_until(lambda: moto.leftovers(cluster_id) == [], 10), moto.leftovers(cluster_id)
 

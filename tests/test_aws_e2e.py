@@ -304,26 +304,7 @@ def test_running_client_interrupted_or_exiting_removes_everything(
         "signal" if how else "exit", moto.endpoint, clean.host_key_file, clean.client_key_file,
         getpass.getuser(), ssh_env_root, ssh_wheelhouse, *clean.specs(),
     ]  # fmt: skip
-    proc = subprocess.Popen(
-        [sys.executable, "-c", CLIENT, *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=moto.env(),
-    )
-    try:
-        assert proc.stdout is not None and proc.stderr is not None
-        line = proc.stdout.readline()  # bounded by the test timeout
-        assert line.startswith("READY "), line + proc.stderr.read()
-        cluster_id = line.split()[1]
-        if how is not None:
-            assert len(moto.live_instances(cluster_id)) == 2
-            proc.send_signal(how)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert (proc.returncode != 0) == (how is not None), err
+    cluster_id, code, err = moto.run_client(CLIENT, args, "READY", how)
+    assert (code != 0) == (how is not None), err
     assert "terminating 2 instance(s)" in err, err
     assert moto.leftovers(cluster_id) == []

@@ -317,6 +317,19 @@ def test_unknown_instance_type_fails_before_creating_anything(
     assert moto.leftovers(cluster.cluster_id) == []
 
 
+def test_refused_run_instances_names_the_cause_and_removes_the_rest(
+    moto: Moto, aws_provider: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from moto import settings
+
+    monkeypatch.setattr(settings, "ENABLE_AMI_VALIDATION", True)  # the server is in-process
+    cluster = spec(2)
+    with pytest.raises(RuntimeError, match=r"EC2 did not start 2 x c6a.large .*InvalidAMIID"):
+        with ExitStack() as stack:
+            aws_provider(ami="ami-00000000").launch(cluster, stack)
+    assert moto.leftovers(cluster.cluster_id) == []
+
+
 def test_missing_credentials_and_region_are_clear_errors(
     moto: Moto, aws_provider: Callable[..., Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

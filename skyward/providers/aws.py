@@ -846,7 +846,16 @@ class AWS(Provider):
                     "SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate",
                 },
             }  # fmt: skip
-        reply = ec2.run_instances(**run_args)
+        try:
+            reply = ec2.run_instances(**run_args)
+        except Exception as exc:
+            code = _error_code(exc)
+            if not code:
+                raise
+            raise RuntimeError(
+                f"EC2 did not start {spec.nodes} x {instance_type} from {ami}: {exc}"
+                f"{_RUN_HINTS.get(code, '')}; the cluster is being removed"
+            ) from exc
         created.instance_ids.extend(i["InstanceId"] for i in reply["Instances"])
 
         instances = self._wait_running(ec2, created.instance_ids, deadline)
@@ -925,6 +934,18 @@ class AWS(Provider):
         except Exception as exc:
             detail = f"{type(exc).__name__}: {exc}"
             raise AWSCleanupError(_leftover_message(cluster_id, detail)) from exc
+
+
+_RUN_HINTS = {
+    "VcpuLimitExceeded": ". Request a higher EC2 vCPU quota (Service Quotas) or use fewer or "
+    "smaller nodes",
+    "InstanceLimitExceeded": ". Request a higher EC2 instance quota or use fewer nodes",
+    "InsufficientInstanceCapacity": ". AWS has no capacity for this type right now: try "
+    "another instance_type, subnet_id or region, or later",
+    "UnauthorizedOperation": ". The credentials lack a permission: see the IAM policy in "
+    "Skyward's AWS docs",
+    "InvalidAMIID.NotFound": ". Check sky.AWS(ami=...) and the region",
+}
 
 
 def _ssh_rule(cidr: str) -> dict[str, Any]:
@@ -1068,8 +1089,8 @@ def cli(args: argparse.Namespace) -> int:
     """``python -m skyward aws cleanup [--cluster ID] [--region R]``."""
     try:
         removed = cleanup(region=args.region, cluster=args.cluster)
-    except (ImportError, ValueError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 - a command line reports, it does not trace
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     scope = f"cluster {args.cluster}" if args.cluster else "all Skyward clusters"
     if not removed:

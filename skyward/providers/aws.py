@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AWS",
     "AWSCleanupError",
+    "ClusterResources",
     "KeyPair",
     "PRICE_PER_VCPU_HOUR",
     "TAG",
@@ -505,8 +506,8 @@ def _live_instances(ec2: Any, cluster_id: str | None) -> list[dict[str, Any]]:
 
 
 @dataclass
-class _Created:
-    """What this client created for one cluster (tags find the rest)."""
+class ClusterResources:
+    """Ids of what a client created for one cluster (tags find the rest)."""
 
     instance_ids: list[str] = field(default_factory=list)
     group_ids: list[str] = field(default_factory=list)
@@ -517,7 +518,7 @@ def destroy_cluster(
     ec2: Any,
     cluster_id: str,
     *,
-    known: _Created | None = None,
+    known: ClusterResources | None = None,
     timeout: float = 300.0,
     poll: float = 2.0,
     progress: bool = True,
@@ -528,10 +529,17 @@ def destroy_cluster(
     fresh ``run_instances``). Returns what was removed; raises :class:`AWSCleanupError`
     naming what is left after ``timeout`` seconds.
     """
-    known = known or _Created()
+    known = known or ClusterResources()
     deadline = time.monotonic() + timeout
     removed: list[str] = []
-    ids = set(known.instance_ids) | {i["InstanceId"] for i in _live_instances(ec2, cluster_id)}
+    ids = {i["InstanceId"] for i in _live_instances(ec2, cluster_id)}
+    if known.instance_ids:
+        seen = {
+            i["InstanceId"]: i["State"]["Name"]
+            for i in _describe_instances(ec2, InstanceIds=known.instance_ids)
+        }
+        # An id not visible yet (eventual consistency) may still be starting: include it.
+        ids |= {i for i in known.instance_ids if seen.get(i) != "terminated"}
     if ids:
         _say(f"terminating {len(ids)} instance(s) of cluster {cluster_id}", progress)
         _terminate(ec2, sorted(ids))
@@ -546,12 +554,13 @@ def destroy_cluster(
     for group_id in sorted(groups):
         if _delete_group(ec2, cluster_id, group_id, deadline, poll):
             removed.append(f"security group {group_id}")
-    keys = set(known.key_names) | {
+    tagged = {
         k["KeyName"] for k in ec2.describe_key_pairs(Filters=[_tag_filter(cluster_id)])["KeyPairs"]
     }
-    for key_name in sorted(keys):
-        ec2.delete_key_pair(KeyName=key_name)
-        removed.append(f"key pair {key_name}")
+    for key_name in sorted(tagged | set(known.key_names)):
+        ec2.delete_key_pair(KeyName=key_name)  # idempotent: a missing key is no error
+        if key_name in tagged:
+            removed.append(f"key pair {key_name}")
     return removed
 
 
@@ -778,7 +787,7 @@ class AWS(Provider):
         _install_sigterm()
         ec2, ssm = self._clients()
         cluster_id = spec.cluster_id
-        created = _Created()
+        created = ClusterResources()
         # Registered first, so an interruption at any later point still removes everything.
         cleanup.callback(self._teardown, ec2, cluster_id, created)
         deadline = time.monotonic() + self.start_timeout
@@ -916,7 +925,7 @@ class AWS(Provider):
                 )
             time.sleep(min(self.poll_interval, max(0.0, deadline - time.monotonic())))
 
-    def _teardown(self, ec2: Any, cluster_id: str, created: _Created) -> None:
+    def _teardown(self, ec2: Any, cluster_id: str, created: ClusterResources) -> None:
         what = f"removing the AWS resources of cluster {cluster_id}"
 
         def work() -> None:

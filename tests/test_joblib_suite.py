@@ -1,0 +1,55 @@
+"""joblib's own ``joblib/test/test_parallel.py``, run in place with Skyward as the default backend.
+
+The run happens in a child pytest (``--pyargs``) loaded with the plugin
+``tests/joblib_suite/skyward_default.py``, which starts a Local cluster and makes
+``"skyward"`` joblib's default backend. That plugin lists the loky-specific tests
+it skips, with the reason for each, and deselects the tests parametrized to run
+another backend explicitly (they test loky, threading or multiprocessing).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SUITE = Path(__file__).resolve().parent / "joblib_suite"
+BUDGET_S = 170
+
+pytestmark = pytest.mark.timeout(BUDGET_S + 20)
+
+
+def test_joblib_test_parallel_passes_with_skyward_as_default_backend(tmp_path):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(SUITE), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "--pyargs",
+        "joblib.test.test_parallel",
+        "-c",
+        str(SUITE / "pytest.ini"),
+        "--rootdir",
+        str(tmp_path),
+        "-p",
+        "skyward_default",
+        "-q",
+        "-rfEsxX",
+        "--timeout",
+        "60",
+    ]
+    try:
+        done = subprocess.run(
+            command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=BUDGET_S
+        )
+    except subprocess.TimeoutExpired as exc:
+        tail = (exc.stdout or b"")[-4000:]
+        pytest.fail(f"joblib's test_parallel.py took over {BUDGET_S}s:\n{tail!r}")
+    report = done.stdout[-6000:] + done.stderr[-2000:]
+    assert done.returncode == 0, report
+    assert "joblib default backend: skyward" in done.stdout
+    assert " passed" in done.stdout and " failed" not in done.stdout, report

@@ -122,8 +122,8 @@ class Node:
     def _blob_frame(self, key: str) -> bytes:
         blob = self.blobs.get(key)
         self.blobs_sent += 1
-        self.blob_bytes_sent += len(blob.data)
-        return wire.encode(Kind.BLOB, pickle.dumps((key, blob.data), protocol=wire.PICKLE_PROTOCOL))
+        self.blob_bytes_sent += blob.size
+        return blob.frame
 
     def resend_blob(self, key: str) -> None:
         """The agent evicted a blob a task needs: send it again."""

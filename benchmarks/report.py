@@ -135,7 +135,7 @@ def ratio_table(rows: list[Row]) -> str:
         if r.ratio is None:
             continue
         lines.append(
-            f"| {r.workload} | {r.system}: {_value(r)} | {r.peer or ''} | {r.ratio:.2f}× | "
+            f"| {r.workload} | {r.system}: {_value(r)} | {r.peer or ''} | {r.ratio:.3g}× | "
             f"{r.goal or ''} | {_met(r)} |"
         )
     return "\n".join(lines)
@@ -148,14 +148,15 @@ def scaling_table(rows: list[Row]) -> str:
         key=lambda r: (_slots(r) or 0, r.workload, r.metric),
     )
     lines = [
-        "| slots | workload | system | metric | value | goal | met |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| slots | workload | system | metric | value | goal | met | details |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in scale:
         slots = _slots(r)
+        details = ", ".join(f"{k}: {v}" for k, v in r.extra.items() if k != "slots")
         lines.append(
             f"| {slots if slots is not None else ''} | {r.workload} | {r.system} | {r.metric} | "
-            f"{_value(r)} | {r.goal or ''} | {_met(r)} |"
+            f"{_value(r)} | {r.goal or ''} | {_met(r)} | {details} |"
         )
     return "\n".join(lines)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from benchmarks import report
 from benchmarks.common import Row, markdown
 
-ALL = ["throughput", "startup", "scale", "joblib_backend"]
+ALL = ["throughput", "startup", "scale", "joblib_backend", "sklearn_grid"]
 
 
 def main() -> int:

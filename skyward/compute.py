@@ -182,6 +182,9 @@ class Compute(Executor):
             memory=self.memory,
         )
         self.provider.check(spec)
+        # From here on SIGTERM and interpreter exit unwind into the teardown, so a
+        # provider interrupted while creating machines still removes them.
+        _register(self, stack)
         stack.callback(self._blobs.clear)
         t0 = time.monotonic()
         launchers = self.provider.launch(spec, stack)
@@ -200,7 +203,6 @@ class Compute(Executor):
         monitor.start()
         stack.callback(monitor.join, 5)
         stack.callback(self._monitor_stop.set)
-        _register(self, stack)
         stack.callback(self._display.close)
         if self.progress:
             self._display.show(self._task_status)

@@ -780,11 +780,6 @@ class AWS(Provider):
 
     def launch(self, spec: ClusterSpec, cleanup: ExitStack) -> list[Launcher]:
         """Create the cluster's key pair, security group and instances; wait until running."""
-        from skyward.compute import _install_sigterm
-
-        # SIGTERM must unwind into the teardown below from the very first resource on,
-        # not only once Compute has registered the running cluster.
-        _install_sigterm()
         ec2, ssm = self._clients()
         cluster_id = spec.cluster_id
         created = ClusterResources()

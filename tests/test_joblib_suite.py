@@ -37,7 +37,6 @@ def test_joblib_test_parallel_passes_with_skyward_as_default_backend(tmp_path):
         str(tmp_path),
         "-p",
         "skyward_default",
-        "-q",
         "-rfEsxX",
         "--timeout",
         "60",

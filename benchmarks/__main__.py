@@ -1,4 +1,4 @@
-"""``python -m benchmarks [--quick] [NAME ...]``: run benchmarks, print a ratio table, write JSON."""
+"""``python -m benchmarks [--quick] [--docs] [NAME ...]``: run, print ratios, write JSON."""
 
 from __future__ import annotations
 

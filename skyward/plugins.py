@@ -76,7 +76,15 @@ class _Namespace:
                 f"no Skyward plugin named {name!r} is installed (installed: {names}); "
                 f"install it, e.g. pip install 'skyward[{name}]', or check the spelling"
             )
-        factory: Callable[..., Any] = eps[name].load()
+        ep = eps[name]
+        try:
+            factory: Callable[..., Any] = ep.load()
+        except Exception as exc:
+            dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist is not None else "?"
+            raise PluginError(
+                f"Skyward plugin {name!r} (from {dist}, entry point {ep.value}) failed to "
+                f"load: {type(exc).__name__}: {exc}. Reinstall or upgrade that distribution"
+            ) from exc
         return factory
 
     def __dir__(self) -> list[str]:

@@ -124,3 +124,14 @@ def test_object_without_hooks_is_rejected() -> None:
         sky.Compute(plugins=[object()])
     with pytest.raises(sky.PluginError, match=r"sky.plugins.joblib\(\)"):
         sky.Compute(plugins=["joblib"])  # type: ignore[list-item]
+
+
+def test_plugin_whose_entry_point_fails_to_load_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    from importlib.metadata import EntryPoint
+
+    from skyward import plugins
+
+    broken = EntryPoint("broken", "no_such_module_xyz:factory", "skyward")
+    monkeypatch.setattr(plugins, "_entry_points", lambda: {"broken": broken})
+    with pytest.raises(sky.PluginError, match=r"'broken' .*no_such_module_xyz:factory.*failed"):
+        sky.plugins.broken  # noqa: B018

@@ -129,8 +129,7 @@ def test_object_without_hooks_is_rejected() -> None:
 def test_plugin_whose_entry_point_fails_to_load_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     from importlib.metadata import EntryPoint
 
-    from skyward import plugins
-
+    plugins = sys.modules["skyward.plugins"]  # `skyward.plugins` is the namespace object
     broken = EntryPoint("broken", "no_such_module_xyz:factory", "skyward")
     monkeypatch.setattr(plugins, "_entry_points", lambda: {"broken": broken})
     with pytest.raises(sky.PluginError, match=r"'broken' .*no_such_module_xyz:factory.*failed"):

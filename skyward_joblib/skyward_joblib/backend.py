@@ -28,6 +28,7 @@ from joblib._parallel_backends import (
 from skyward.compute import ComputeStateError, current
 from skyward.scheduler import NoWorkersError
 from skyward_joblib import activation
+from skyward_joblib.feeder import feeder
 from skyward_joblib.worker import RemoteBatch, in_agent
 
 if TYPE_CHECKING:
@@ -177,11 +178,15 @@ class SkywardBackend(AutoBatchingMixin, ParallelBackendBase):
                 self._waiting.append((proxy, task))
                 return proxy
             self._inflight[proxy] = None
-        self._launch(proxy, task)
+        feeder.put(self._launch, proxy, task)
         return proxy
 
     def _launch(self, proxy: Future[Any], task: RemoteBatch) -> None:
-        target = self._target
+        """On the feeder thread: pickle ``task`` and hand it to the cluster."""
+        with self._lock:
+            if proxy not in self._inflight:
+                return  # the call was aborted while the batch waited
+            target = self._target
         try:
             if target is None:
                 raise ComputeStateError("joblib backend 'skyward' was used after its call ended")
@@ -210,7 +215,7 @@ class SkywardBackend(AutoBatchingMixin, ParallelBackendBase):
                 following = self._waiting.popleft()
                 self._inflight[following[0]] = None
         if following is not None:
-            self._launch(*following)
+            feeder.put(self._launch, *following)
         if remote.cancelled():
             _settle(
                 proxy.set_exception,

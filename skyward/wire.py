@@ -302,8 +302,17 @@ class Blob:
     @classmethod
     def of(cls, key: str, data: bytes) -> Blob:
         """Frame ``data`` (the object serialized) as blob ``key``."""
-        body = pickle.dumps((key, data), protocol=PICKLE_PROTOCOL)
-        return cls(key, len(data), encode(Kind.BLOB, body, compress=_compressible(data)))
+        if _compressible(data):
+            body = pickle.dumps((key, data), protocol=PICKLE_PROTOCOL)
+            return cls(key, len(data), encode(Kind.BLOB, body))
+        # Pickled straight behind the header: one copy of a large blob instead of two.
+        buffer = io.BytesIO()
+        buffer.write(bytes(HEADER.size))
+        pickle.dump((key, data), buffer, protocol=PICKLE_PROTOCOL)
+        with buffer.getbuffer() as view:
+            length = len(view) - HEADER.size
+            view[: HEADER.size] = HEADER.pack(MAGIC, PROTOCOL, Kind.BLOB, 0, length)
+        return cls(key, len(data), buffer.getvalue())
 
 
 def _compressible(data: bytes, sample: int = 64 * 1024) -> bool:

@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 __all__ = ["SkywardBackend", "NoComputeError"]
 
 _GONE = object()
+DEFAULT_PRE_DISPATCH = "2 * n_jobs"  # joblib.Parallel's default
+PRE_DISPATCH = "3 * n_jobs"
 
 
 class NoComputeError(RuntimeError):
@@ -149,6 +151,10 @@ class SkywardBackend(AutoBatchingMixin, ParallelBackendBase):
         # Below the slot count, this backend keeps at most n batches in flight. At or
         # above it, the cluster's own slots (plus its prefetch) bound the work.
         self._limit = n if n < self._target.total_slots else None
+        if self._limit is None and getattr(parallel, "pre_dispatch", None) == DEFAULT_PRE_DISPATCH:
+            # Nodes queue a few batches ahead of their slots only while more batches wait
+            # than there are slots; joblib's default keeps exactly that many waiting.
+            parallel.pre_dispatch = PRE_DISPATCH
         return n
 
     def start_call(self) -> None:

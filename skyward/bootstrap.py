@@ -170,6 +170,7 @@ def _prepare(args: dict[str, Any]) -> dict[str, Any]:
     python = os.path.join(env, "bin", "python")
     uv = _find_uv() if args.get("uv", True) else None
     done: list[str] = []
+    os.makedirs(paths["root"], exist_ok=True)
     fd = _lock(paths["lock"])
     try:
         if _read(os.path.join(env, ".skyward-image")) != args["install_key"]:

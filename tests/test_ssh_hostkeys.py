@@ -120,4 +120,3 @@ def test_pinned_host_key_accepts_only_itself(
     with pytest.raises(HostKeyError, match="CHANGED.*pin its new key"):
         node.open()
     node.close()
-

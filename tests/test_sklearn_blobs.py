@@ -14,11 +14,15 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import wait_until
 from sklearn.model_selection import GridSearchCV
 from sklearn.naive_bayes import GaussianNB
 
 import skyward as sky
 from skyward import wire
+from skyward.channel import PipeChannel
+from skyward.node import Node
+from skyward.scheduler import Scheduler
 
 PER_FIT_OVERHEAD = 32 * 1024  # estimator, parameters, scorer, sklearn's config: ~14 KB seen
 
@@ -107,3 +111,36 @@ def test_blob_the_worker_cannot_unpickle_fails_its_task_not_the_agent(tmp_path: 
         assert compute.submit(sum, [1, 2]).result(timeout=60) == 3
         assert all(node.alive for node in compute.nodes)
         assert compute.stats()["tasks"]["retried"] == 0
+
+
+@pytest.mark.timeout(120)
+def test_agent_asks_again_for_a_blob_its_cache_evicted(no_agents_left: None) -> None:
+    # Compute does not expose the agent's cache size: drive one node directly with a
+    # 3 MiB cache, so that a second 2 MiB blob evicts the first.
+    registry = wire.BlobRegistry()
+    node = Node(0, PipeChannel("node-0", [sys.executable, "-m", "skyward.agent"]), 1, registry)
+    scheduler = Scheduler(max_retries=0)
+    try:
+        config = {"concurrency": 1, "executor": "thread", "env": {}, "node": "node-0"}
+        node.handshake({**config, "blob_cache_bytes": 3 * 2**20}, timeout=60)
+        node.start(scheduler)
+        scheduler.add_nodes([node])
+
+        def total(array: np.ndarray) -> float:
+            payload, keys = wire.dumps_task(np.sum, (array,), {}, registry)
+            return float(scheduler.submit(payload, keys, "sum").result(timeout=60))
+
+        ones, twos = np.full(2**18, 1.0), np.full(2**18, 2.0)  # 2 MiB each
+        assert total(ones) == 2**18
+        assert total(twos) == 2 * 2**18  # evicts `ones` on the agent
+        assert node.blob_requests == 0
+        assert total(ones) == 2**18  # sent once by the client, so the agent must ask
+        assert node.blob_requests == 1 and node.blobs_sent == 3
+        heartbeats = node.heartbeats
+        node.heartbeat()
+        assert wait_until(lambda: node.heartbeats > heartbeats, 10)
+        assert node.agent_stats["cache_misses"] == 1, node.agent_stats
+        assert node.agent_stats["blobs_received"] == 3, node.agent_stats
+    finally:
+        scheduler.close(cancel=True)
+        node.stop()

@@ -116,7 +116,7 @@ class Scheduler:
         for i in range(width):  # one slot of every node, then the next slot of every node
             self._slots.extend(n for n in nodes if i < n.concurrency)
         for n in nodes:
-            extra = self.prefetch if self.prefetch is not None else max(1, n.concurrency // 4)
+            extra = self.prefetch if self.prefetch is not None else n.concurrency
             self._extra.extend([n] * extra)
             self._live += n.concurrency
 

@@ -344,11 +344,12 @@ class BlobRegistry:
     def key_for(self, obj: object) -> str | None:
         """Return the blob key for ``obj`` if it should travel as a blob, else ``None``."""
         if _by_value(obj):
-            size = BLOB_THRESHOLD
-        else:
-            size = _nbytes(obj)
-            if size < REUSE_THRESHOLD:
-                return None
+            # Pickled anew each time: a function's globals may have changed since the
+            # last call. Equal bytes still travel to each node once.
+            return self._store(cloudpickle.dumps(obj, protocol=PICKLE_PROTOCOL))
+        size = _nbytes(obj)
+        if size < REUSE_THRESHOLD:
+            return None
         entry = self._by_id.get(id(obj))
         seen = (
             entry is not None
@@ -366,18 +367,23 @@ class BlobRegistry:
             with self._lock:
                 self._by_id[id(obj)] = (seen_once, "")
             return None
-        data = cloudpickle.dumps(obj, protocol=PICKLE_PROTOCOL)
-        key = hashlib.blake2b(data, digest_size=16).hexdigest()
+        key = self._store(cloudpickle.dumps(obj, protocol=PICKLE_PROTOCOL))
         ident = id(obj)
         ref: Any
         try:
             ref = weakref.ref(obj, partial(self._forget, ident))
         except TypeError:
             ref = obj
-        blob = None if key in self._blobs else Blob.of(key, data)
         with self._lock:
             self._by_id[ident] = (ref, key)
-            if blob is not None:
+        return key
+
+    def _store(self, data: bytes) -> str:
+        """Keep ``data`` under its content hash; return the key."""
+        key = hashlib.blake2b(data, digest_size=16).hexdigest()
+        if key not in self._blobs:
+            blob = Blob.of(key, data)
+            with self._lock:
                 self._blobs.setdefault(key, blob)
         return key
 
@@ -398,14 +404,28 @@ class BlobRegistry:
             self._blobs.clear()
 
 
+# Types that never become blobs: skipped before any Python-level check (pickle asks
+# persistent_id about every object of a payload).
+_INLINE = frozenset({int, float, complex, bool, str, type(None), tuple, list, dict, set, frozenset})
+
+
 class _TaskPickler(cloudpickle.Pickler):
     def __init__(self, file: IO[bytes], registry: BlobRegistry) -> None:
         super().__init__(file, protocol=PICKLE_PROTOCOL)
         self._registry = registry
+        self._answers: dict[int, str | None] = {}
         self.keys: list[str] = []
 
     def persistent_id(self, obj: object) -> str | None:
-        key = self._registry.key_for(obj)
+        if type(obj) in _INLINE:
+            return None
+        # pickle asks again for each reference to an object (a batch names its function
+        # once per call): answer from this dump's own memo, alive as long as the payload.
+        ident = id(obj)
+        if ident in self._answers:
+            key = self._answers[ident]
+        else:
+            key = self._answers[ident] = self._registry.key_for(obj)
         if key is not None:
             self.keys.append(key)
         return key

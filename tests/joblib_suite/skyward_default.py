@@ -68,13 +68,7 @@ LOKY_SPECIFIC = {
 }
 
 # Failures caused by the Skyward core, tracked there: strict, so a fix shows up as XPASS.
-CORE_BUGS = {
-    "test_globals_update_at_each_parallel_call": (
-        "skyward/wire.py BlobRegistry.key_for caches functions pickled by value by object "
-        "identity across tasks, so a global they read that changed since the first call "
-        "is not re-captured"
-    ),
-}
+CORE_BUGS: dict[str, str] = {}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -10,6 +10,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 
+import cloudpickle
 import psutil
 import pytest
 
@@ -53,6 +54,21 @@ def wait_until(condition: Callable[[], bool], timeout: float = 5.0, step: float 
             return True
         time.sleep(step)
     return condition()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _pickle_module_by_value(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Test modules that set ``PICKLE_BY_VALUE = True`` ship their functions by value:
+    remote hosts' environments do not have the test modules, like a real remote host."""
+    module = request.module
+    if not getattr(module, "PICKLE_BY_VALUE", False):
+        yield
+        return
+    cloudpickle.register_pickle_by_value(module)
+    try:
+        yield
+    finally:
+        cloudpickle.unregister_pickle_by_value(module)
 
 
 @pytest.fixture

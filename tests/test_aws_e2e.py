@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import cloudpickle
 import pytest
 from conftest import need, wait_until
 from sshd_hosts import SSHD, bootstrapped_agents, start_sshd, stop_sshd, write_keypair
@@ -108,14 +107,7 @@ def fake_instances() -> Iterator[FakeInstances]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _tasks_by_value() -> Iterator[None]:
-    module = sys.modules[__name__]
-    cloudpickle.register_pickle_by_value(module)
-    try:
-        yield
-    finally:
-        cloudpickle.unregister_pickle_by_value(module)
+PICKLE_BY_VALUE = True  # see conftest: hosts do not have this module
 
 
 @pytest.fixture

@@ -12,10 +12,8 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import cloudpickle
 import psutil
 import pytest
 from sshd_hosts import SSHDCluster
@@ -27,14 +25,7 @@ from skyward.node import NodeStartError
 pytestmark = pytest.mark.timeout(180)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _tasks_by_value() -> Iterator[None]:
-    module = sys.modules[__name__]
-    cloudpickle.register_pickle_by_value(module)
-    try:
-        yield
-    finally:
-        cloudpickle.unregister_pickle_by_value(module)
+PICKLE_BY_VALUE = True  # see conftest: hosts do not have this module
 
 
 def make_provider(cluster: SSHDCluster, env_root: str, **kwargs: object) -> sky.SSH:

@@ -8,8 +8,9 @@ Task payloads are cloudpickled. Large arguments (numpy arrays, bytes, pandas
 objects above :data:`BLOB_THRESHOLD`) and functions pickled by value become
 *blobs*: serialized once, keyed by a content hash and referenced from the task
 through pickle's persistent-id mechanism, so each is sent to a node once.
-Medium arrays (above :data:`REUSE_THRESHOLD`) become blobs the second time the
-same object is sent, so repeated ``y`` and index arrays are not re-sent either.
+Medium arrays (above :data:`REUSE_THRESHOLD`) become blobs once the same object
+is sent again with unchanged content, so repeated ``y`` and index arrays are not
+re-sent either.
 """
 
 from __future__ import annotations
@@ -355,32 +356,49 @@ class BlobRegistry:
             entry is not None
             and (entry[0]() if isinstance(entry[0], weakref.ref) else entry[0]) is obj
         )
+        if size < BLOB_THRESHOLD:
+            return self._medium(obj, entry[1] if seen and entry is not None else None)
         if seen and entry is not None and entry[1]:
             return entry[1]
-        if not seen and size < BLOB_THRESHOLD:
-            # Medium objects travel inline until the same object is sent again (scikit-learn's
-            # y and CV index arrays go with every fit): only then are they worth a blob.
-            try:
-                seen_once = weakref.ref(obj, partial(self._forget, id(obj)))
-            except TypeError:
-                return None
-            with self._lock:
-                self._by_id[id(obj)] = (seen_once, "")
-            return None
         key = self._store(cloudpickle.dumps(obj, protocol=PICKLE_PROTOCOL))
+        self._remember(obj, key, strong=True)
+        return key
+
+    def _medium(self, obj: object, previous: str | None) -> str | None:
+        """Inline, until the same object is sent again with the same content: then a blob.
+
+        scikit-learn's ``y`` and CV index arrays go with every fit and become blobs; a
+        buffer refilled in place between sends keeps travelling inline. Medium objects
+        are hashed on every send after the first (about 1 ms per MB), never stale.
+        """
+        if previous is None:
+            self._remember(obj, "", strong=False)
+            return None
+        data = cloudpickle.dumps(obj, protocol=PICKLE_PROTOCOL)
+        key = hashlib.blake2b(data, digest_size=16).hexdigest()
+        if key != previous:
+            self._remember(obj, key, strong=False)
+            return None
+        return self._store(data, key)
+
+    def _remember(self, obj: object, key: str, strong: bool) -> None:
+        """Map ``obj``'s identity to ``key`` while it lives (for ever if ``strong`` and it
+        cannot be weakly referenced, like ``bytes``)."""
         ident = id(obj)
         ref: Any
         try:
             ref = weakref.ref(obj, partial(self._forget, ident))
         except TypeError:
+            if not strong:
+                return
             ref = obj
         with self._lock:
             self._by_id[ident] = (ref, key)
-        return key
 
-    def _store(self, data: bytes) -> str:
-        """Keep ``data`` under its content hash; return the key."""
-        key = hashlib.blake2b(data, digest_size=16).hexdigest()
+    def _store(self, data: bytes, key: str | None = None) -> str:
+        """Keep ``data`` under its content hash (``key`` when already computed); return it."""
+        if key is None:
+            key = hashlib.blake2b(data, digest_size=16).hexdigest()
         if key not in self._blobs:
             blob = Blob.of(key, data)
             with self._lock:

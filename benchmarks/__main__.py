@@ -15,7 +15,7 @@ from pathlib import Path
 from benchmarks import report
 from benchmarks.common import Row, markdown
 
-ALL = ["throughput", "startup", "scale", "joblib_backend", "sklearn_grid", "ssh"]
+ALL = ["throughput", "startup", "scale", "joblib_backend", "sklearn_grid", "ssh", "memory"]
 
 
 def main() -> int:

@@ -1,10 +1,13 @@
-"""``joblib.Parallel`` through the Skyward backend, against loky and dask's joblib backend.
+"""``joblib.Parallel`` through the Skyward backend, against loky, threading, dask and ray.
 
 Tiny tasks: ``Parallel(n_jobs=-1)(delayed(noop)(i) for i in range(N))`` with
-joblib's auto-batching on each system's ``n_jobs=-1``: Skyward on 4 Local nodes
-x 1 slot, loky on this machine's cores, dask.distributed's joblib backend on a
-4-worker ``LocalCluster`` bound to 127.0.0.1. Each is warmed up, then timed
-best-of-3 (start-up is a separate benchmark).
+joblib's auto-batching (and with ``batch_size=1``) on each system's
+``n_jobs=-1``: Skyward on 4 Local nodes x 1 slot, loky and joblib's threading
+backend on this machine's cores, dask.distributed's joblib backend on a
+4-worker ``LocalCluster`` bound to 127.0.0.1, ray's joblib backend on a local
+4-CPU ray instance bound to 127.0.0.1 (skipped with a note when ray is not
+installed). Each is warmed up, then timed best-of-3 (start-up is a separate
+benchmark).
 
 Sleep efficiency: 2000 x 0.25 s tasks on 4 nodes x 25 slots; efficiency is the
 ideal time (tasks x duration / slots) divided by the measured wall time.
@@ -35,32 +38,65 @@ def nap(x: int) -> int:
     return x
 
 
-def _rate(tasks: int, repeat: int, backend: str | None = None) -> float:
-    expected = sum(range(tasks))
-
-    def once() -> None:
-        out = Parallel(n_jobs=-1, backend=backend)(delayed(noop)(i) for i in range(tasks))
-        assert sum(out) == expected
-
-    once()  # warm-up: workers up, functions imported
-    return tasks / best_of(repeat, once)
+Rates = dict[str, float]  # batch size ("auto" or "1") -> tasks/s
 
 
-def _skyward_rate(tasks: int, repeat: int) -> float:
+def _rates(tasks: int, repeat: int, backend: str | None = None) -> Rates:
+    def measure(batch_size: int | str, count: int) -> float:
+        def once() -> None:
+            out = Parallel(n_jobs=-1, backend=backend, batch_size=batch_size)(
+                delayed(noop)(i) for i in range(count)
+            )
+            assert sum(out) == sum(range(count))
+
+        once()  # warm-up: workers up, functions imported
+        return count / best_of(repeat, once)
+
+    # One round trip per task is slow everywhere: a tenth of the tasks is enough.
+    return {"auto": measure("auto", tasks), "1": measure(1, max(tasks // 10, 100))}
+
+
+def _skyward_rate(tasks: int, repeat: int) -> Rates:
     with sky.Compute(nodes=NODES, worker=sky.Worker(concurrency=1), plugins=[sky.plugins.joblib()]):
-        return _rate(tasks, repeat)
+        return _rates(tasks, repeat)
 
 
-def _loky_rate(tasks: int, repeat: int) -> float:
+def _loky_rate(tasks: int, repeat: int) -> Rates:
     from joblib.externals.loky import get_reusable_executor
 
     try:
-        return _rate(tasks, repeat, backend="loky")
+        return _rates(tasks, repeat, backend="loky")
     finally:
         get_reusable_executor().shutdown(wait=True)
 
 
-def _dask_rate(tasks: int, repeat: int) -> float:
+def _threading_rate(tasks: int, repeat: int) -> Rates:
+    return _rates(tasks, repeat, backend="threading")
+
+
+def _ray_rate(tasks: int, repeat: int) -> Rates:
+    import os
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+    from ray.util.joblib import register_ray
+
+    register_ray()
+    ray.init(
+        num_cpus=NODES,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    try:
+        with parallel_config(backend="ray"):
+            return _rates(tasks, repeat)
+    finally:
+        ray.shutdown()
+
+
+def _dask_rate(tasks: int, repeat: int) -> Rates:
     from distributed import Client, LocalCluster
 
     with (
@@ -74,7 +110,7 @@ def _dask_rate(tasks: int, repeat: int) -> float:
         Client(cluster),
         parallel_config(backend="dask"),
     ):
-        return _rate(tasks, repeat)
+        return _rates(tasks, repeat)
 
 
 def _sleep_efficiency(tasks: int) -> tuple[float, float]:
@@ -101,46 +137,47 @@ def run(quick: bool) -> list[Row]:
     efficiency, wall = _sleep_efficiency(SLEEP_TASKS)
     tasks = 20_000 if quick else 100_000
     repeat = 3
-    systems: dict[str, Callable[[int, int], float]] = {
+    systems: dict[str, Callable[[int, int], Rates]] = {
         "skyward": _skyward_rate,
         "loky": _loky_rate,
+        "threading": _threading_rate,
         "dask": _dask_rate,
+        "ray": _ray_rate,
     }
-    rates = {name: measure(tasks, repeat) for name, measure in systems.items()}
-    workload = f"joblib Parallel(n_jobs=-1) {tasks} no-ops, auto batching"
-    ours = rates["skyward"]
-    rows = [
-        Row(
-            workload,
-            f"skyward {NODES} Local nodes",
-            "tasks/s",
-            ours,
-            "tasks/s",
-            peer="loky",
-            ratio=ours / rates["loky"],
-            goal=">= 1.0x loky",
-            met=ours >= rates["loky"],
-        ),
-        Row(
-            workload,
-            f"skyward {NODES} Local nodes",
-            "tasks/s",
-            ours,
-            "tasks/s",
-            peer=f"dask LocalCluster({NODES})",
-            ratio=ours / rates["dask"],
-            goal=">= 10x dask",
-            met=ours >= 10 * rates["dask"],
-        ),
-        Row(workload, "loky (n_jobs=-1)", "tasks/s", rates["loky"], "tasks/s"),
-        Row(
-            workload,
-            f"dask LocalCluster({NODES}) joblib backend",
-            "tasks/s",
-            rates["dask"],
-            "tasks/s",
-        ),
-    ]
+    rates: dict[str, Rates] = {}
+    for name, measure in systems.items():
+        try:
+            rates[name] = measure(tasks, repeat)
+        except ImportError as exc:
+            print(f"  {name} skipped: not installed ({exc})", flush=True)
+    goals = {"loky": 1.0, "dask": 10.0}
+    rows = []
+    for batch in ("auto", "1"):
+        count = tasks if batch == "auto" else max(tasks // 10, 100)
+        workload = f"joblib Parallel(n_jobs=-1) {count} no-ops, batch_size={batch}"
+        ours = rates["skyward"][batch]
+        for peer, peer_rates in rates.items():
+            if peer == "skyward":
+                continue
+            goal = goals.get(peer) if batch == "auto" else None
+            rows.append(
+                Row(
+                    workload,
+                    f"skyward {NODES} Local nodes",
+                    "tasks/s",
+                    ours,
+                    "tasks/s",
+                    peer=peer,
+                    ratio=ours / peer_rates[batch],
+                    goal=f">= {goal:g}x {peer}" if goal else None,
+                    met=ours >= goal * peer_rates[batch] if goal else None,
+                )
+            )
+        rows.extend(
+            Row(workload, peer, "tasks/s", peer_rates[batch], "tasks/s")
+            for peer, peer_rates in rates.items()
+            if peer != "skyward"
+        )
     rows.append(
         Row(
             f"joblib {SLEEP_TASKS} x {SLEEP_SECONDS}s sleeps, {NODES} nodes x "

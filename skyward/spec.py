@@ -93,7 +93,8 @@ class Image:
     Args:
         python: ``"major.minor"`` Python version for remote nodes (defaults to the client's).
         pip: pip requirement strings installed on each node.
-        env: environment variables set for the agent and its tasks.
+        env: environment variables set for the agent and its tasks (on SSH and AWS
+            hosts also for the package installer, e.g. ``UV_INDEX_URL``).
         wheelhouse: a local folder of wheels; when set, remote installs use only
             these wheels (``--no-index``), for hosts without internet access.
     """

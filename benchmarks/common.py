@@ -56,6 +56,46 @@ def best_of(repeat: int, fn: Callable[[], Any]) -> float:
     return min(times)
 
 
+def efficiency_row(
+    workload: str,
+    system: str,
+    efficiency: float,
+    goal: float | None = 0.99,
+    extra: dict[str, Any] | None = None,
+) -> Row:
+    """A row for ideal time / measured time, against the goal (a fraction) if any."""
+    return Row(
+        workload,
+        system,
+        "efficiency",
+        efficiency * 100,
+        "%",
+        peer="ideal",
+        ratio=efficiency,
+        goal=f">= {goal:.0%}" if goal is not None else None,
+        met=efficiency >= goal if goal is not None else None,
+        extra=extra or {},
+    )
+
+
+@contextmanager
+def dask_client(workers: int) -> Iterator[Any]:
+    """A dask.distributed client on a process ``LocalCluster`` bound to loopback."""
+    from distributed import Client, LocalCluster
+
+    with (
+        LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        yield client
+
+
 def markdown(rows: list[Row]) -> str:
     """Render rows as one markdown table."""
     lines = [

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from joblib import Parallel, delayed, parallel_config
 
 import skyward as sky
-from benchmarks.common import Row, best_of, stopwatch
+from benchmarks.common import Row, best_of, dask_client, efficiency_row, stopwatch
 
 NODES = 4
 SLEEP_TASKS, SLEEP_SECONDS, SLEEP_SLOTS_PER_NODE = 2000, 0.25, 25
@@ -97,19 +97,7 @@ def _ray_rate(tasks: int, repeat: int) -> Rates:
 
 
 def _dask_rate(tasks: int, repeat: int) -> Rates:
-    from distributed import Client, LocalCluster
-
-    with (
-        LocalCluster(
-            n_workers=NODES,
-            threads_per_worker=1,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address=None,
-        ) as cluster,
-        Client(cluster),
-        parallel_config(backend="dask"),
-    ):
+    with dask_client(NODES), parallel_config(backend="dask"):
         return _rates(tasks, repeat)
 
 
@@ -179,17 +167,11 @@ def run(quick: bool) -> list[Row]:
             if peer != "skyward"
         )
     rows.append(
-        Row(
+        efficiency_row(
             f"joblib {SLEEP_TASKS} x {SLEEP_SECONDS}s sleeps, {NODES} nodes x "
             f"{SLEEP_SLOTS_PER_NODE} slots",
             "skyward",
-            "efficiency",
-            efficiency * 100,
-            "%",
-            peer="ideal",
-            ratio=efficiency,
-            goal=">= 99%",
-            met=efficiency >= 0.99,
+            efficiency,
             extra={"wall_s": wall},
         )
     )

@@ -71,12 +71,23 @@ def run(quick: bool) -> list[Row]:
     mib = 1024 * 1024
     return [
         Row(
-            workload, f"skyward {NODES} Local nodes", "client RSS growth", ours / mib, "MiB",
-            peer="loky", ratio=ours / max(loky, 1), goal="flat (a few MiB)",
-            met=ours < 64 * mib, extra={"wall_s": round(our_time, 2)},
+            workload,
+            f"skyward {NODES} Local nodes",
+            "client RSS growth",
+            ours / mib,
+            "MiB",
+            peer="loky",
+            ratio=ours / max(loky, 1),
+            goal="flat (a few MiB)",
+            met=ours < 64 * mib,
+            extra={"wall_s": round(our_time, 2)},
         ),
         Row(
-            workload, "loky", "client RSS growth", loky / mib, "MiB",
+            workload,
+            "loky",
+            "client RSS growth",
+            loky / mib,
+            "MiB",
             extra={"wall_s": round(loky_time, 2)},
         ),
     ]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 
 import skyward as sky
-from benchmarks.common import Row
+from benchmarks.common import Row, efficiency_row
 
 SLOTS_PER_NODE = 20
 DURATION = 0.5
@@ -35,16 +35,11 @@ def measure(nodes: int, tasks: int) -> Row:
         cpu = time.process_time() - cpu0
     ideal = tasks * DURATION / slots
     efficiency = ideal / wall
-    return Row(
-        workload=f"scale {nodes} nodes x {SLOTS_PER_NODE} slots, {tasks} x {DURATION}s",
-        system="skyward Local",
-        metric="efficiency",
-        value=efficiency * 100,
-        unit="%",
-        peer="ideal",
-        ratio=efficiency,
-        goal=">= 97 %" if slots >= 2000 else None,
-        met=(efficiency >= 0.97) if slots >= 2000 else None,
+    return efficiency_row(
+        f"scale {nodes} nodes x {SLOTS_PER_NODE} slots, {tasks} x {DURATION}s",
+        "skyward Local",
+        efficiency,
+        goal=0.97 if slots >= 2000 else None,
         extra={
             "slots": slots,
             "wall_s": round(wall, 3),

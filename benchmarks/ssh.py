@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import skyward as sky
-from benchmarks.common import Row, best_of
+from benchmarks.common import Row, best_of, efficiency_row
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import sshd_daemons  # noqa: E402 - the test suite's loopback sshd hosts
@@ -144,16 +144,10 @@ def run(quick: bool) -> list[Row]:
     workload = f"sleep efficiency {sleeps} x {SLEEP}s, {NODES} nodes x {SLOTS} slots"
     for system, eff in ((f"skyward {hosts}", ssh_eff), ("skyward Local", local_eff)):
         rows.append(
-            Row(
+            efficiency_row(
                 workload,
                 system,
-                "efficiency",
-                eff * 100,
-                "%",
-                peer="ideal",
-                ratio=eff,
-                goal=">= 99 %",
-                met=eff >= 0.99,
+                eff,
                 extra={"vs Local": ssh_eff / local_eff} if system != "skyward Local" else {},
             )
         )

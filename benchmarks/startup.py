@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 
 import skyward as sky
-from benchmarks.common import Row
+from benchmarks.common import Row, dask_client
 
 WORKERS = 4
 
@@ -36,19 +36,8 @@ def _loky() -> float:
 
 
 def _dask() -> float:
-    from distributed import Client, LocalCluster
-
     start = time.perf_counter()
-    with (
-        LocalCluster(
-            n_workers=WORKERS,
-            threads_per_worker=1,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address=None,
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+    with dask_client(WORKERS) as client:
         client.submit(abs, -1).result()
         ready = time.perf_counter() - start
     return ready

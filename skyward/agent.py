@@ -56,7 +56,8 @@ class BlobCache:
         self.misses = 0
         self.received = 0
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: bytes) -> Any:
+        """Hold blob ``key``; return its value (the object, or the bytes in process mode)."""
         value: Any = data
         if not self.keep_bytes:
             value = wire.loads_blob(data)
@@ -72,6 +73,7 @@ class BlobCache:
             while self.size > self.capacity and len(self._entries) > 1:
                 _, (size, _) = self._entries.popitem(last=False)
                 self.size -= size
+        return value
 
     def lookup(self, keys: tuple[str, ...]) -> tuple[dict[str, Any], list[str]]:
         """Return the held values for ``keys`` and the keys that are missing."""
@@ -107,7 +109,7 @@ class Agent:
         self.outbox = wire.Outbox(writer, self.exit)
         self.lock = threading.Lock()
         self.cancelled: set[int] = set()
-        self.parked: dict[int, tuple[Task, set[str]]] = {}
+        self.parked: dict[int, tuple[Task, dict[str, Any], set[str]]] = {}
         self.requested: set[str] = set()
         self.last_heard = time.monotonic()
         self.tasks_done = 0
@@ -180,8 +182,7 @@ class Agent:
                     self.accept(task)
             elif kind == Kind.BLOB:
                 key, data = pickle.loads(body)
-                self.cache.put(key, data)
-                self.unpark(key)
+                self.unpark(key, self.cache.put(key, data))
                 if self.slots is not None:
                     self.slots.blob_arrived(key)
             elif kind == Kind.CANCEL:
@@ -198,8 +199,10 @@ class Agent:
         task_id, keys, _ = task
         found, missing = self.cache.lookup(keys)
         if missing:
+            # The parked task holds what it found: blobs arriving later may evict those
+            # from a small cache, and asking for them again could go on forever.
             with self.lock:
-                self.parked[task_id] = (task, set(missing))
+                self.parked[task_id] = (task, found, set(missing))
             self.request(missing)
             return
         self.start(task, found)
@@ -212,17 +215,19 @@ class Agent:
         for key in ask:
             self.outbox.put(wire.encode_obj(Kind.NEED_BLOB, key))
 
-    def unpark(self, key: str) -> None:
-        ready: list[Task] = []
+    def unpark(self, key: str, value: Any) -> None:
+        ready: list[tuple[Task, dict[str, Any]]] = []
         with self.lock:
             self.requested.discard(key)
-            for task_id, (task, waiting) in list(self.parked.items()):
-                waiting.discard(key)
+            for task_id, (task, found, waiting) in list(self.parked.items()):
+                if key in waiting:
+                    waiting.discard(key)
+                    found[key] = value
                 if not waiting:
                     del self.parked[task_id]
-                    ready.append(task)
-        for task in ready:
-            self.accept(task)
+                    ready.append((task, found))
+        for task, found in ready:
+            self.start(task, found)
 
     def start(self, task: Task, blobs: dict[str, Any]) -> None:
         if self.slots is not None:

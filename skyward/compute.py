@@ -65,6 +65,8 @@ class Compute(Executor):
         connect_timeout: seconds allowed for each node to start and say hello.
         progress: also show task completion on the terminal's status line (node
             start-up is always shown there when stderr is a terminal).
+        blob_cache_bytes: bytes of large arguments each agent keeps (least recently
+            used dropped first; a dropped one is sent again when a task needs it).
     """
 
     def __init__(
@@ -82,6 +84,7 @@ class Compute(Executor):
         heartbeat_timeout: float = 10.0,
         connect_timeout: float = 120.0,
         progress: bool = False,
+        blob_cache_bytes: int = 4 * 1024**3,
     ) -> None:
         if isinstance(nodes, bool) or not isinstance(nodes, int):
             raise TypeError(f"Compute(nodes=...) must be an int >= 1, got {nodes!r}")
@@ -122,6 +125,7 @@ class Compute(Executor):
         self.heartbeat_timeout = heartbeat_timeout
         self.connect_timeout = connect_timeout
         self.progress = progress
+        self.blob_cache_bytes = blob_cache_bytes
         self._display = Progress()
         self._ready_count = 0
         self.cluster_id = uuid.uuid4().hex[:12]
@@ -229,6 +233,7 @@ class Compute(Executor):
             "executor": self.worker.executor,
             "env": dict(self.image.env),
             "idle_timeout": max(60.0, 6 * self.heartbeat_timeout),
+            "blob_cache_bytes": self.blob_cache_bytes,
         }
         try:
             node.handshake(config, self.connect_timeout)

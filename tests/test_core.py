@@ -173,3 +173,14 @@ def test_executor_api_map_and_shutdown(no_agents_left: None) -> None:
         ]
     with pytest.raises(sky.ComputeStateError, match="shut down"):
         compute.submit(abs, 1)
+
+
+def test_task_needing_more_blob_bytes_than_the_agent_cache_still_runs(
+    no_agents_left: None,
+) -> None:
+    first, second = bytes([1]) * (2 << 20), bytes([2]) * (2 << 20)
+    # Each blob evicts the other from a 3 MiB cache: the task must still get both.
+    with sky.Compute(nodes=1, blob_cache_bytes=3 << 20) as compute:
+        total = compute.submit(lambda x, y: x[0] + y[0] + len(x) + len(y), first, second)
+        assert total.result(timeout=30) == 3 + (4 << 20)
+        assert compute.stats()["nodes"]["node-0"]["blob_requests"] >= 1

@@ -22,14 +22,19 @@ __all__ = ["JoblibPlugin", "use_cluster"]
 _VERSION = re.compile(r"\d+(\.\d+)*((a|b|rc)\d+)?(\.post\d+)?(\.dev\d+)?")
 
 
-def check_version(version: str | None, package: str, plugin: str) -> str | None:
-    """Validate a plugin's ``version=`` argument: ``None`` or a plain release like ``1.4.2``."""
+def check_version(
+    version: str | None, package: str, plugin: str, default: str = "the latest"
+) -> str | None:
+    """Validate a plugin's ``version=`` argument: ``None`` or a plain release like ``1.4.2``.
+
+    ``default`` says what ``None`` installs, for the error message.
+    """
     if version is None:
         return None
     if not isinstance(version, str) or not _VERSION.fullmatch(version.strip()):
         raise ValueError(
             f"sky.plugins.{plugin}(version={version!r}) is not a {package} release: give a "
-            f"version such as '1.4.2' (installed as {package}==1.4.2), or None for the latest"
+            f"version such as '1.4.2' (installed as {package}==1.4.2), or None for {default}"
         )
     return version.strip()
 

@@ -65,7 +65,7 @@ class SklearnPlugin:
     name = "sklearn"
 
     def __init__(self, version: str | None = None) -> None:
-        chosen = check_version(version, "scikit-learn", "sklearn")
+        chosen = check_version(version, "scikit-learn", "sklearn", "the client's release")
         if chosen is None:
             chosen = installed_version("scikit-learn")
         if chosen is None:  # pragma: no cover - scikit-learn is a dependency of this package

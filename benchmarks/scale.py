@@ -1,4 +1,7 @@
-"""Scale: how many slots one client drives. Sleep tasks on many Local nodes x 20 slots.
+"""Scale: how many slots one client drives. Sleep tasks on many nodes x 20 slots.
+
+Local nodes up to 100 (2,000 slots), and 32 SSH nodes: 32 connections spread
+over the loopback test sshd hosts, each with its own agent.
 
 Efficiency is the ideal wall time (tasks x duration / slots) over the measured
 one, from the first submit to the last result (start-up is measured apart).
@@ -8,7 +11,9 @@ the tasks dispatched. ``run`` gives one row per cluster size: the scaling curve.
 
 from __future__ import annotations
 
+import sys
 import time
+from typing import Any
 
 import skyward as sky
 from benchmarks.common import Row, efficiency_row
@@ -17,18 +22,15 @@ SLOTS_PER_NODE = 20
 DURATION = 0.5
 
 
-def sleep_task(seconds: float) -> None:
-    time.sleep(seconds)
-
-
-def measure(nodes: int, tasks: int) -> Row:
+def measure(nodes: int, tasks: int, provider: Any = None, **compute: Any) -> Row:
     """Run ``tasks`` sleeps on ``nodes`` x 20 slots; one row with efficiency and client CPU."""
     started = time.perf_counter()
-    with sky.Compute(nodes=nodes, worker=sky.Worker(concurrency=SLOTS_PER_NODE)) as compute:
+    worker = sky.Worker(concurrency=SLOTS_PER_NODE)
+    with sky.Compute(provider, nodes=nodes, worker=worker, **compute) as cluster:
         startup = time.perf_counter() - started
-        slots = compute.total_slots
+        slots = cluster.total_slots
         cpu0, wall0 = time.process_time(), time.perf_counter()
-        futures = [compute.submit(sleep_task, DURATION) for _ in range(tasks)]
+        futures = [cluster.submit(time.sleep, DURATION) for _ in range(tasks)]
         for future in futures:
             future.result()
         wall = time.perf_counter() - wall0
@@ -37,7 +39,7 @@ def measure(nodes: int, tasks: int) -> Row:
     efficiency = ideal / wall
     return efficiency_row(
         f"scale {nodes} nodes x {SLOTS_PER_NODE} slots, {tasks} x {DURATION}s",
-        "skyward Local",
+        f"skyward {type(cluster.provider).__name__}",
         efficiency,
         goal=0.97 if slots >= 2000 else None,
         extra={
@@ -50,12 +52,29 @@ def measure(nodes: int, tasks: int) -> Row:
     )
 
 
+def measure_ssh(nodes: int, tasks: int) -> Row:
+    """The same on ``nodes`` SSH connections to the loopback test daemons."""
+    from benchmarks.ssh import _ssh_setup
+
+    with _ssh_setup() as (cluster, wheels, env_root):
+        hosts = cluster.specs()
+        provider = sky.SSH(
+            [hosts[i % len(hosts)] for i in range(nodes)],
+            key_filename=cluster.key_filename,
+            known_hosts=cluster.known_hosts,
+            python=sys.executable,
+            env_root=env_root,
+        )
+        return measure(nodes, tasks, provider, image=sky.Image(wheelhouse=wheels))
+
+
 def run(quick: bool) -> list[Row]:
     """The scaling curve: slots vs efficiency (full: up to 100 nodes = 2,000 slots)."""
     sizes = [5, 20] if quick else [5, 25, 50, 100]
+    measures = [(n, measure) for n in sizes] + [(8 if quick else 32, measure_ssh)]
     rows = []
-    for nodes in sizes:
-        row = measure(nodes, nodes * SLOTS_PER_NODE * 10)
+    for nodes, run_one in measures:
+        row = run_one(nodes, nodes * SLOTS_PER_NODE * 10)
         print(
             f"  {row.extra['slots']:5d} slots: efficiency {row.value:.1f} %, wall "
             f"{row.extra['wall_s']}s (ideal {row.extra['ideal_s']}s), start-up "

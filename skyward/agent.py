@@ -144,6 +144,11 @@ class Agent:
             self.slots = ProcessSlots(self, concurrency)
         else:
             self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="skyward-task")
+            # Start every slot's thread now (the pool starts them lazily, one per submit):
+            # otherwise the first wave of tasks pays for thread creation as it arrives.
+            ready = threading.Barrier(concurrency)
+            for _ in range(concurrency):
+                self.pool.submit(ready.wait, 10)
         info = wire.versions()
         info.update(pid=os.getpid(), hostname=socket.gethostname(), executable=sys.executable)
         self.outbox.put(wire.encode_obj(Kind.HELLO, info))

@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack
 from types import TracebackType
 from typing import Any, TypeVar
@@ -246,22 +246,28 @@ class Compute(Executor):
         return node
 
     def _connect(self) -> list[Node]:
-        """Open every node concurrently; on any failure stop the ones that started."""
+        """Open every node concurrently; on any failure (or Ctrl-C) stop the ones that started."""
         count = len(self._launchers)
         self._display.show(lambda: f"{self._ready_count}/{count} node(s) ready")
-        with ThreadPoolExecutor(min(32, count), "skyward-connect") as pool:
-            futures = [pool.submit(self._open_node, i) for i in range(count)]
-            nodes, errors = [], []
-            for future in futures:
+        futures: list[Future[Node]] = []
+        try:
+            with ThreadPoolExecutor(min(32, count), "skyward-connect") as pool:
+                futures = [pool.submit(self._open_node, i) for i in range(count)]
                 try:
-                    nodes.append(future.result())
-                except BaseException as exc:  # noqa: BLE001 - reported below, after cleanup
-                    errors.append(exc)
-        if errors:
-            for node in nodes:
-                node.stop(timeout=1.0, kill=True)
-            raise errors[0]
-        return nodes
+                    wait(futures)
+                except BaseException:
+                    for future in futures:
+                        future.cancel()
+                    raise
+            errors = [f.exception() for f in futures if f.exception() is not None]
+            if errors:
+                raise errors[0]  # type: ignore[misc]
+            return [f.result() for f in futures]
+        except BaseException:
+            for future in futures:
+                if future.done() and not future.cancelled() and future.exception() is None:
+                    future.result().stop(timeout=1.0, kill=True)
+            raise
 
     def _replace(self, node: Node, reason: str) -> bool:
         """Scheduler hook: restart a lost node in the background, ``restarts`` times at most."""

@@ -19,7 +19,7 @@ import pickle
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import CancelledError, Future
+from concurrent.futures import CancelledError, Future, InvalidStateError
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, RUNNING
 from typing import Any
 
@@ -235,7 +235,10 @@ class Scheduler:
                         f"the client: {type(exc).__name__}: {exc}. Make the result's classes "
                         "importable on the client"
                     ) from exc
-                future.set_result(value)
+                try:
+                    future.set_result(value)
+                except InvalidStateError:
+                    return  # cancelled while its result was on the way
                 with self.lock:
                     self.completed += 1
                 return
@@ -254,7 +257,7 @@ class Scheduler:
             error = exc
         with self.lock:
             self.failed += 1
-        future.set_exception(error)
+        _fail(future, error)
 
     # --- node loss ------------------------------------------------------------------------
 

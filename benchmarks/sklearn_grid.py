@@ -1,4 +1,8 @@
-"""``GridSearchCV`` over a large ``X``: Skyward's Local nodes against loky on the same cores.
+"""``GridSearchCV`` over a large and a small ``X``: Skyward's Local nodes against loky on
+the same cores.
+
+The small-``X`` search (an SVC grid on a few thousand rows) measures the per-fit
+overhead on warm workers: start-up and data transfer hardly count there.
 
 One process per core on both sides: Skyward runs ``cores`` Local nodes x 1 slot
 with the sklearn plugin, loky runs ``n_jobs=cores`` (joblib memory-maps the
@@ -19,9 +23,10 @@ import numpy as np
 import psutil
 from sklearn.model_selection import GridSearchCV
 from sklearn.naive_bayes import GaussianNB
+from sklearn.svm import SVC
 
 import skyward as sky
-from benchmarks.common import Row, stopwatch
+from benchmarks.common import Row, best_of, stopwatch
 
 FOLDS = 5
 
@@ -83,8 +88,41 @@ def _skyward_once(
     return elapsed(), cpu, search, nodes
 
 
+def _svc_search(X: np.ndarray, y: np.ndarray) -> GridSearchCV:
+    grid = {"C": np.logspace(-2, 2, 5), "gamma": np.logspace(-3, 0, 4)}
+    return GridSearchCV(SVC(), grid, cv=FOLDS, n_jobs=-1).fit(X, y)
+
+
+def small(quick: bool) -> list[Row]:
+    """Warm workers, small data: 20 candidates x 5 folds of an SVC, best of 3 each."""
+    cores = os.cpu_count() or 2
+    X, y = _data(1_000 if quick else 3_000, 20)
+    with joblib.parallel_config(backend="loky", n_jobs=cores):
+        expected = _svc_search(X, y)  # warm-up
+        loky_wall = best_of(3, lambda: _svc_search(X, y))
+    with sky.Compute(
+        nodes=cores, worker=sky.Worker(concurrency=1), plugins=[sky.plugins.sklearn()]
+    ):
+        got = _svc_search(X, y)  # warm-up
+        wall = best_of(3, lambda: _svc_search(X, y))
+    assert got.best_params_ == expected.best_params_
+    workload = f"GridSearchCV(SVC) small X ({X.shape[0]} x {X.shape[1]}), 20 x {FOLDS} fits"
+    return [
+        Row(
+            workload,
+            f"skyward {cores} Local nodes x 1 slot",
+            "wall",
+            wall,
+            "s",
+            peer=f"loky n_jobs={cores}",
+            ratio=wall / loky_wall,
+        ),
+        Row(workload, f"loky n_jobs={cores}", "wall", loky_wall, "s"),
+    ]
+
+
 def run(quick: bool) -> list[Row]:
-    """Wall time against loky and bytes sent per node relative to ``X``."""
+    """Large X: wall time against loky and bytes sent per node relative to ``X``; small X."""
     cores = os.cpu_count() or 2
     rows, features, candidates = (25_000, 256, 20) if quick else (50_000, 256, 40)
     repeat = 3
@@ -143,4 +181,5 @@ def run(quick: bool) -> list[Row]:
             ratio=cpu / loky_cpu,
         ),
         Row(workload, f"loky n_jobs={cores}", "CPU time, client + workers", loky_cpu, "s"),
+        *small(quick),
     ]

@@ -519,8 +519,16 @@ def loads_task(payload: bytes, blobs: dict[str, Any]) -> Any:
 
 
 def dumps_result(value: object) -> bytes:
-    """Serialize a task's return value."""
-    return cloudpickle.dumps(value, protocol=PICKLE_PROTOCOL)
+    """Serialize a task's return value.
+
+    Plain pickle first: results are mostly data, and the C pickler is several times
+    faster on a batch's list of them. What it cannot name by reference (an instance
+    of a class the task defined) it refuses, and cloudpickle takes over.
+    """
+    try:
+        return pickle.dumps(value, protocol=PICKLE_PROTOCOL)
+    except Exception:
+        return cloudpickle.dumps(value, protocol=PICKLE_PROTOCOL)
 
 
 def dumps_error(exc: BaseException, where: str) -> bytes:

@@ -7,7 +7,8 @@ by a body. Bodies above :data:`COMPRESS_THRESHOLD` bytes are compressed with
 Task payloads are cloudpickled. Large arguments (numpy arrays, bytes, pandas
 objects above :data:`BLOB_THRESHOLD`) and functions pickled by value become
 *blobs*: serialized once, keyed by a content hash and referenced from the task
-through pickle's persistent-id mechanism, so each is sent to a node once.
+(a reduce to :func:`_blob`, or a persistent id for large ``bytes``), so each is
+sent to a node once.
 Medium arrays (above :data:`REUSE_THRESHOLD`) become blobs once the same object
 is sent again with unchanged content, so repeated ``y`` and index arrays are not
 re-sent either.
@@ -422,28 +423,36 @@ class BlobRegistry:
             self._blobs.clear()
 
 
-# Types that never become blobs: skipped before any Python-level check (pickle asks
-# persistent_id about every object of a payload).
-_INLINE = frozenset({int, float, complex, bool, str, type(None), tuple, list, dict, set, frozenset})
-
-
 class _TaskPickler(cloudpickle.Pickler):
+    """cloudpickle, with blob-worthy objects replaced by a reference to their blob.
+
+    The reference is a reduce ``(_blob, (key,))``: pickle consults ``reducer_override``
+    only for objects it has no built-in fast path for (functions, arrays, frames...),
+    and memoizes the result, so plain data pickles at C speed and an object named
+    10**5 times in a batch is looked at once.
+    """
+
     def __init__(self, file: IO[bytes], registry: BlobRegistry) -> None:
         super().__init__(file, protocol=PICKLE_PROTOCOL)
         self._registry = registry
-        self._answers: dict[int, str | None] = {}
         self.keys: list[str] = []
 
+    def reducer_override(self, obj: Any) -> Any:
+        key = self._registry.key_for(obj)
+        if key is None:
+            return super().reducer_override(obj)
+        self.keys.append(key)
+        return _blob, (key,)
+
+
+class _LargeTaskPickler(_TaskPickler):
+    """For payloads that came out large: also ``bytes``/``bytearray`` become blobs (pickle
+    saves those through fast paths that ``reducer_override`` never sees)."""
+
     def persistent_id(self, obj: object) -> str | None:
-        if type(obj) in _INLINE:
+        if type(obj) not in (bytes, bytearray) or len(obj) < BLOB_THRESHOLD:  # type: ignore[arg-type]
             return None
-        # pickle asks again for each reference to an object (a batch names its function
-        # once per call): answer from this dump's own memo, alive as long as the payload.
-        ident = id(obj)
-        if ident in self._answers:
-            key = self._answers[ident]
-        else:
-            key = self._answers[ident] = self._registry.key_for(obj)
+        key = self._registry.key_for(obj)
         if key is not None:
             self.keys.append(key)
         return key
@@ -457,10 +466,14 @@ def dumps_task(
     fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], registry: BlobRegistry
 ) -> tuple[bytes, tuple[str, ...]]:
     """Serialize a call; return the payload and the blob keys it references."""
-    buffer = io.BytesIO()
-    pickler = _TaskPickler(buffer, registry)
     try:
+        buffer = io.BytesIO()
+        pickler = _TaskPickler(buffer, registry)
         pickler.dump((fn, args, kwargs))
+        if buffer.tell() >= BLOB_THRESHOLD:
+            buffer = io.BytesIO()
+            pickler = _LargeTaskPickler(buffer, registry)
+            pickler.dump((fn, args, kwargs))
     except Exception as exc:
         name = getattr(fn, "__qualname__", repr(fn))
         raise UnpicklableTaskError(
@@ -497,25 +510,34 @@ def loads_blob(data: bytes) -> Any:
         return UnloadableBlob(data)
 
 
-class _TaskUnpickler(pickle.Unpickler):
-    def __init__(self, file: IO[bytes], blobs: dict[str, Any]) -> None:
-        super().__init__(file)
-        self._blobs = blobs
+_loading: dict[str, Any] = {}  # the blobs of the payload being unpickled (under _unpickling)
 
+
+def _blob(key: str) -> Any:
+    """Resolve a blob reference while a task payload is unpickled (see :func:`loads_task`)."""
+    try:
+        value = _loading[key]
+    except KeyError:
+        raise MissingBlobError(key) from None
+    if isinstance(value, UnloadableBlob):
+        return pickle.loads(value.data)
+    return value
+
+
+class _TaskUnpickler(pickle.Unpickler):
     def persistent_load(self, pid: Any) -> Any:
-        try:
-            value = self._blobs[pid]
-        except KeyError:
-            raise MissingBlobError(pid) from None
-        if isinstance(value, UnloadableBlob):
-            return pickle.loads(value.data)
-        return value
+        return _blob(pid)
 
 
 def loads_task(payload: bytes, blobs: dict[str, Any]) -> Any:
     """Deserialize a task payload, resolving blob references from ``blobs``."""
+    global _loading
     with _unpickling:
-        return _TaskUnpickler(io.BytesIO(payload), blobs).load()
+        _loading = blobs
+        try:
+            return _TaskUnpickler(io.BytesIO(payload)).load()
+        finally:
+            _loading = {}
 
 
 def dumps_result(value: object) -> bytes:

@@ -39,7 +39,6 @@ class Node:
         self.blob_bytes_sent = 0
         self.blob_requests = 0
         self.tasks_done = 0
-        self.busy_seconds = 0.0
         self._sent_blobs: set[str] = set()
         self._send_lock = threading.Lock()
         self.outbox = wire.Outbox(channel.writer, self._broken, name=f"skyward-send-{self.name}")

@@ -144,17 +144,21 @@ def _call_each(
         yield plugin, pm.subset_hook_caller(hook, remove_plugins=others)(**kwargs)
 
 
+def _checked(plugin: object, hook: str, value: Any, kind: type, what: str) -> Any:
+    if not isinstance(value, kind):
+        raise PluginError(
+            f"{plugin_name(plugin)}.{hook} must return {what}, got {type(value).__name__}"
+        )
+    return value
+
+
 def compose_image(image: Image, pm: pluggy.PluginManager, plugins: Sequence[object]) -> Image:
     """Apply each plugin's ``transform_image`` in list order; reject conflicting pins."""
     owners: dict[str, tuple[str, str]] = {}
     check_pins(image.pip, "the Image", owners)
-    for plugin in plugins:
-        for _, result in _call_each(pm, [plugin], "transform_image", image=image):
-            if not isinstance(result, Image):
-                raise PluginError(
-                    f"{plugin_name(plugin)}.transform_image must return a sky.Image, "
-                    f"got {type(result).__name__}"
-                )
+    for plugin in plugins:  # one at a time: each sees the previous plugin's image
+        for _, value in _call_each(pm, [plugin], "transform_image", image=image):
+            result = _checked(plugin, "transform_image", value, Image, "a sky.Image")
             kept = result.pip[: len(image.pip)] == image.pip
             added = result.pip[len(image.pip) :] if kept else result.pip
             check_pins(added, f"plugin {plugin_name(plugin)!r}", owners)
@@ -168,12 +172,9 @@ def around_client(
 ) -> Iterator[None]:
     """Enter every plugin's ``around_client`` in order; leave them in reverse on any exit."""
     with ExitStack() as stack:
-        for plugin in plugins:
-            for _, context in _call_each(pm, [plugin], "around_client", compute=compute):
-                if not isinstance(context, AbstractContextManager):
-                    raise PluginError(
-                        f"{plugin_name(plugin)}.around_client must return a context manager, "
-                        f"got {type(context).__name__}"
-                    )
-                stack.enter_context(context)
+        for plugin, value in _call_each(pm, plugins, "around_client", compute=compute):
+            context = _checked(
+                plugin, "around_client", value, AbstractContextManager, "a context manager"
+            )
+            stack.enter_context(context)
         yield

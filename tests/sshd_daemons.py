@@ -28,7 +28,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from skyward.bootstrap import wheel_from_installed
 
 SSHD = "/usr/sbin/sshd"
-PORT = 2222
+# Several checkouts on one machine can test at once, each on its own port.
+PORT = int(os.environ.get("SKYWARD_TEST_SSHD_PORT", "2222"))
 ADDRESSES = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
 # Packages of the test wheelhouse: what the agent imports, plus joblib (the joblib plugin's
 # pin) and threadpoolctl (a marker a task can import to prove the offline install).

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from sshd_hosts import SSHDCluster
+from sshd_hosts import PORT, SSHDCluster
 
 import skyward as sky
 from skyward.bootstrap import INSTALL_STEPS
@@ -114,7 +114,7 @@ def test_tasks_run_in_agents_started_by_sshd(
         agents = {node.pid: node.name for node in compute.nodes}
         daemons = {daemon_of(pid) for pid in agents if pid is not None}
         seen = [compute.submit(where).result() for _ in range(12)]
-    assert sorted(agents.values()) == ["127.0.0.2:2222", "127.0.0.3:2222", "127.0.0.4:2222"]
+    assert sorted(agents.values()) == [f"127.0.0.{i}:{PORT}" for i in (2, 3, 4)]
     assert daemons == {h.pid for h in ssh_clean.hosts}
     assert {s["pid"] for s in seen} <= set(agents)
     env = Path(ssh_env_root) / image.digest()
@@ -179,15 +179,15 @@ def test_worker_output_is_forwarded_with_node_prefix(
         while time.monotonic() < deadline and "hello from the host" not in err:
             time.sleep(0.05)
             err += capfd.readouterr().err
-    assert "[127.0.0.2:2222] hello from the host" in err
+    assert f"[127.0.0.2:{PORT}] hello from the host" in err
 
 
 def test_unreachable_host_fails_entry_and_stops_the_others(
     ssh_clean: SSHDCluster, ssh_env_root: str, image: sky.Image
 ) -> None:
-    hosts = [*ssh_clean.specs()[:2], f"{ssh_clean.user}@127.0.0.9:2222"]
+    hosts = [*ssh_clean.specs()[:2], f"{ssh_clean.user}@127.0.0.9:{PORT}"]
     provider = make_provider(ssh_clean, ssh_env_root, hosts=hosts, connect_timeout=5.0)
-    with pytest.raises(NodeStartError, match=r"127\.0\.0\.9:2222: .*\(step: connect\)"):
+    with pytest.raises(NodeStartError, match=rf"127\.0\.0\.9:{PORT}: .*\(step: connect\)"):
         with sky.Compute(provider, nodes=3, image=image):
             pytest.fail("the cluster must not start")
 
@@ -220,5 +220,5 @@ def test_more_nodes_than_hosts_is_refused(provider: sky.SSH) -> None:
 
 def test_fewer_nodes_use_the_first_hosts(provider: sky.SSH, image: sky.Image) -> None:
     with sky.Compute(provider, nodes=2, image=image) as compute:
-        assert [n.name for n in compute.nodes] == ["127.0.0.2:2222", "127.0.0.3:2222"]
+        assert [n.name for n in compute.nodes] == [f"127.0.0.2:{PORT}", f"127.0.0.3:{PORT}"]
         assert compute.submit(square, 9).result() == 81

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import wait_until
-from sshd_hosts import SSHDCluster, bootstrapped_agents
+from sshd_hosts import PORT, SSHDCluster, bootstrapped_agents
 
 import skyward as sky
 from skyward.node import NodeStartError
@@ -122,6 +122,6 @@ def test_refused_authentication_names_the_host_and_step(
         ssh_clean.specs()[:1], key_filename=str(stranger), known_hosts=ssh_clean.known_hosts,
         python=sys.executable, env_root=ssh_env_root, connect_timeout=10.0,
     )
-    with pytest.raises(NodeStartError, match=r"127\.0\.0\.2:2222.*(?i:auth)"):
+    with pytest.raises(NodeStartError, match=rf"127\.0\.0\.2:{PORT}.*(?i:auth)"):
         with sky.Compute(provider, nodes=1):
             pytest.fail("the cluster must not start")

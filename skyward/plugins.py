@@ -105,8 +105,42 @@ def plugin_name(plugin: object) -> str:
     return type(plugin).__name__ if not inspect.ismodule(plugin) else plugin.__name__
 
 
+def _spec_signatures(pm: pluggy.PluginManager) -> dict[str, inspect.Signature]:
+    """Every hook of :mod:`skyward.hookspecs` and its signature."""
+    return {
+        name: inspect.signature(getattr(hookspecs, name))
+        for name in dir(hookspecs)
+        if pm.parse_hookspec_opts(hookspecs, name) is not None
+    }
+
+
+def _check_hooks(pm: pluggy.PluginManager, plugin: object) -> None:
+    """Reject a hook implementation that no hookspec defines, or whose parameters differ."""
+    specs = _spec_signatures(pm)
+    known = ", ".join(sorted(specs))
+    for attribute in dir(plugin):
+        opts = pm.parse_hookimpl_opts(plugin, attribute)
+        if opts is None:
+            continue
+        hook = opts.get("specname") or attribute
+        if hook not in specs:
+            raise PluginError(
+                f"plugin {plugin_name(plugin)!r} implements {hook!r}, which is not a Skyward "
+                f"hook (known hooks: {known}); check the spelling"
+            )
+        params = inspect.signature(getattr(plugin, attribute)).parameters
+        extra = sorted(set(params) - set(specs[hook].parameters))
+        if extra:
+            expected = f"{hook}({', '.join(specs[hook].parameters)})"
+            raise PluginError(
+                f"plugin {plugin_name(plugin)!r}: {hook} takes {', '.join(map(repr, extra))}, "
+                f"which the hookspec does not pass; its signature is {expected}"
+            )
+
+
 def manager(plugins: Sequence[object]) -> pluggy.PluginManager:
-    """A PluginManager with ``plugins`` registered; rejects objects that implement no hook."""
+    """A PluginManager with ``plugins`` registered; rejects objects that implement no hook,
+    hooks that no hookspec defines and hooks with parameters the hookspec does not have."""
     pm = pluggy.PluginManager("skyward")
     pm.add_hookspecs(hookspecs)
     for plugin in plugins:
@@ -117,6 +151,7 @@ def manager(plugins: Sequence[object]) -> pluggy.PluginManager:
                 else "pass an instance, not the class"
             )
             raise PluginError(f"{plugin!r} is not a plugin object: {hint}")
+        _check_hooks(pm, plugin)
         before = len(pm.get_plugins())
         try:
             pm.register(plugin, name=f"{plugin_name(plugin)}-{id(plugin)}")
@@ -124,11 +159,13 @@ def manager(plugins: Sequence[object]) -> pluggy.PluginManager:
             raise PluginError(
                 f"plugin {plugin_name(plugin)!r} was passed twice in plugins=[...]"
             ) from exc
+        except pluggy.PluginValidationError as exc:  # e.g. a wrapper that is no generator
+            raise PluginError(f"plugin {plugin_name(plugin)!r} has an invalid hook: {exc}") from exc
         if len(pm.get_plugins()) == before or not pm.get_hookcallers(plugin):
             pm.unregister(plugin)
             raise PluginError(
                 f"{plugin_name(plugin)!r} implements no Skyward hook: decorate its methods "
-                "with @sky.hookimpl (transform_image and/or around_client)"
+                f"with @sky.hookimpl ({' and/or '.join(sorted(_spec_signatures(pm)))})"
             )
     return pm
 

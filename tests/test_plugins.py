@@ -134,3 +134,49 @@ def test_plugin_whose_entry_point_fails_to_load_is_named(monkeypatch: pytest.Mon
     monkeypatch.setattr(plugins, "_entry_points", lambda: {"broken": broken})
     with pytest.raises(sky.PluginError, match=r"'broken' .*no_such_module_xyz:factory.*failed"):
         sky.plugins.broken  # noqa: B018
+
+
+class Misspelt:
+    """A plugin whose only hook name is misspelt."""
+
+    name = "misspelt"
+
+    @sky.hookimpl
+    def transform_imgae(self, image: sky.Image) -> sky.Image:
+        return image.with_pip("six")
+
+
+class HalfMisspelt(Recorder):
+    """A working plugin with one extra misspelt hook: the typo must not be ignored."""
+
+    @sky.hookimpl
+    def around_clinet(self, compute: sky.Compute) -> None:
+        pass
+
+
+class WrongSignature:
+    """``transform_image`` with a parameter the hookspec does not have."""
+
+    name = "wrong-signature"
+
+    @sky.hookimpl
+    def transform_image(self, img: sky.Image) -> sky.Image:
+        return img
+
+
+def test_misspelt_hook_is_an_error_naming_it_and_the_known_hooks() -> None:
+    with pytest.raises(sky.PluginError) as info:
+        sky.Compute(plugins=[Misspelt()])
+    message = str(info.value)
+    for part in ("'misspelt'", "transform_imgae", "transform_image", "around_client"):
+        assert part in message, message
+    with pytest.raises(sky.PluginError, match=r"'half'.*around_clinet.*around_client"):
+        sky.Compute(plugins=[HalfMisspelt("half", [])])
+
+
+def test_wrong_hook_signature_is_a_plugin_error_naming_the_hookspec() -> None:
+    with pytest.raises(sky.PluginError) as info:
+        sky.Compute(plugins=[WrongSignature()])
+    message = str(info.value)
+    for part in ("'wrong-signature'", "transform_image", "'img'", "transform_image(image)"):
+        assert part in message, message

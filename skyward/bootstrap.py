@@ -430,11 +430,17 @@ def _packages(image: Image, exclude: set[str]) -> list[str]:
     without the distributions in ``exclude`` (shipped as the client's own wheels)."""
     import cloudpickle
 
-    wanted = {name: req for name, req in image.requirements().items() if name not in exclude}
-    wanted.setdefault("cloudpickle", f"cloudpickle=={cloudpickle.__version__}")
-    wanted.setdefault("lz4", "lz4>=4.0")
-    wanted.setdefault("pluggy", "pluggy>=1.3")
-    return list(wanted.values())
+    from skyward.spec import requirement_name
+
+    wanted = [r for r in image.pip if requirement_name(r) not in exclude]
+    names = {requirement_name(r) for r in wanted}
+    agent_needs = {
+        "cloudpickle": f"cloudpickle=={cloudpickle.__version__}",
+        "lz4": "lz4>=4.0",
+        "pluggy": "pluggy>=1.3",
+        "packaging": "packaging>=22",
+    }
+    return wanted + [req for name, req in agent_needs.items() if name not in names]
 
 
 def _uploads(image: Image, wheels: ClientWheels, probe: dict[str, Any]) -> list[tuple[Path, str]]:

@@ -191,7 +191,7 @@ def _checked(plugin: object, hook: str, value: Any, kind: type, what: str) -> An
 
 def compose_image(image: Image, pm: pluggy.PluginManager, plugins: Sequence[object]) -> Image:
     """Apply each plugin's ``transform_image`` in list order; reject conflicting pins."""
-    owners: dict[str, tuple[str, str]] = {}
+    owners: dict[tuple[str, str], tuple[str, str]] = {}
     check_pins(image.pip, "the Image", owners)
     for plugin in plugins:  # one at a time: each sees the previous plugin's image
         for _, value in _call_each(pm, [plugin], "transform_image", image=image):

@@ -6,6 +6,7 @@ where it is written, not when a remote machine tries to use it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -14,42 +15,108 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
+
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.utils import canonicalize_name, parse_sdist_filename, parse_wheel_filename
 
 __all__ = ["Image", "Worker", "PinConflictError", "requirement_name"]
 
 Executor = Literal["thread", "process"]
 EXECUTORS: tuple[str, ...] = ("thread", "process")
 
-# PEP 508 subset: a name, optional extras, optional version specifiers.
-_REQUIREMENT = re.compile(
-    r"""^\s*
-    (?P<name>[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?)
-    (?:\[(?P<extras>[A-Za-z0-9._,\s-]+)\])?
-    \s*(?P<spec>(?:(?:===|==|!=|~=|<=|>=|<|>)\s*[A-Za-z0-9.*+!_-]+\s*,?\s*)*)
-    \s*$""",
-    re.VERBOSE,
-)
+# A bare URL is a pip requirement line too: https://.../pkg-1.0-py3-none-any.whl, git+https://...
+_BARE_URL = re.compile(r"^(?:[A-Za-z][A-Za-z0-9.-]*\+)?(?:https?|file|ftp)://\S+$")
 
 
 class PinConflictError(ValueError):
     """Two plugins (or a plugin and the image) require one package at different versions."""
 
 
+@dataclass(frozen=True, eq=False)
+class _Requirement:
+    """One parsed pip requirement line; ``text`` is kept as written for the installer."""
+
+    text: str
+    name: str  # normalized
+    extras: frozenset[str]
+    specifier: SpecifierSet
+    url: str | None
+    marker: str  # "" when the requirement applies everywhere
+
+    @property
+    def pinned(self) -> bool:
+        """Whether it restricts which version is installed (a specifier or a URL)."""
+        return self.url is not None or bool(self.specifier)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """Requirements of one package under different markers target different hosts."""
+        return self.name, self.marker
+
+    def with_extras(self, extras: Iterable[str]) -> str:
+        """This requirement as PEP 508 text, with ``extras`` instead of its own."""
+        pin = f" @ {self.url} " if self.url is not None else str(self.specifier)
+        marker = f"; {self.marker}" if self.marker else ""
+        return f"{self.name}[{','.join(sorted(extras))}]{pin}{marker}".strip()
+
+    def same_pin(self, other: _Requirement) -> bool:
+        """Equal URLs and equal specifier *sets* (``>=1,<2`` is ``<2,>=1``)."""
+        return self.url == other.url and self.specifier == other.specifier
+
+
+def _url_name(url: str) -> str | None:
+    """The distribution name of a bare URL requirement: ``#egg=`` or the file name."""
+    if not _BARE_URL.match(url):
+        return None
+    parts = urlsplit(url)
+    egg = re.search(r"(?:^|&)egg=([^&]+)", parts.fragment)
+    if egg:
+        return canonicalize_name(egg.group(1))
+    filename = parts.path.rsplit("/", 1)[-1]
+    try:
+        if filename.endswith(".whl"):
+            return canonicalize_name(parse_wheel_filename(filename)[0])
+        return canonicalize_name(parse_sdist_filename(filename)[0])
+    except ValueError:
+        return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse(text: str) -> _Requirement:
+    try:
+        parsed = Requirement(text)
+    except InvalidRequirement as exc:
+        name = _url_name(text.strip())
+        if name is None:
+            reason = str(exc).splitlines()[0]
+            raise ValueError(
+                f"invalid pip requirement {text!r} ({reason}): use a name with optional "
+                "extras, version specifiers and markers, or 'name @ URL', e.g. 'numpy', "
+                "'scikit-learn==1.5.2', 'pandas[parquet]>=2', \"pandas; python_version > '3.8'\", "
+                "'pkg @ https://host/pkg-1.0-py3-none-any.whl'; for local wheels use "
+                "sky.Image(wheelhouse=...)"
+            ) from None
+        return _Requirement(text, name, frozenset(), SpecifierSet(), text.strip(), "")
+    return _Requirement(
+        text=text,
+        name=canonicalize_name(parsed.name),
+        extras=frozenset(parsed.extras),
+        specifier=parsed.specifier,
+        url=parsed.url,
+        marker=str(parsed.marker) if parsed.marker is not None else "",
+    )
+
+
 def requirement_name(requirement: str) -> str:
-    """Return the normalized distribution name of a pip requirement string."""
-    match = _REQUIREMENT.match(requirement)
-    if match is None:
-        raise ValueError(
-            f"invalid pip requirement {requirement!r}: use a package name with optional "
-            "extras and version specifiers, e.g. 'numpy', 'scikit-learn==1.5.2', 'pandas>=2'"
-        )
-    return re.sub(r"[-_.]+", "-", match.group("name")).lower()
+    """Return the normalized distribution name of a pip requirement string.
 
-
-def _requirement_spec(requirement: str) -> str:
-    match = _REQUIREMENT.match(requirement)
-    assert match is not None
-    return re.sub(r"\s+", "", match.group("spec") or "")
+    Accepts what pip accepts on its command line for a package: PEP 508 requirements
+    (extras, version specifiers, markers, ``name @ URL``) and bare wheel, sdist or
+    ``#egg=`` URLs. Raises :class:`ValueError` naming the accepted forms otherwise.
+    """
+    return _parse(requirement).name
 
 
 def _default_python() -> str:
@@ -92,7 +159,9 @@ class Image:
 
     Args:
         python: ``"major.minor"`` Python version for remote nodes (defaults to the client's).
-        pip: pip requirement strings installed on each node.
+        pip: pip requirements installed on each node: anything pip accepts for a
+            package, e.g. ``"numpy>=1.26,<2"``, ``"pandas[parquet]"``,
+            ``"pandas; python_version > '3.8'"``, ``"pkg @ https://host/pkg.whl"``.
         env: environment variables set for the agent and its tasks (on SSH and AWS
             hosts also for the package installer, e.g. ``UV_INDEX_URL``).
         wheelhouse: a local folder of wheels; when set, remote installs use only
@@ -166,34 +235,41 @@ class Image:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def check_pins(added: Iterable[str], plugin: str, owners: dict[str, tuple[str, str]]) -> None:
+def check_pins(
+    added: Iterable[str], owner: str, owners: dict[tuple[str, str], tuple[str, str]]
+) -> None:
     """Raise :class:`PinConflictError` if ``added`` pins a package already pinned differently.
 
-    ``owners`` maps package name to ``(who pinned it, specifier)`` and is updated in place.
+    ``owners`` maps a package (name and marker) to ``(who pinned it, the requirement)`` and
+    is updated in place. Equal specifier sets in another order, or unpinned requirements,
+    are no conflict; one package under different markers is pinned separately.
     """
-    for requirement in added:
-        spec = _requirement_spec(requirement)
-        if not spec:
+    for text in added:
+        requirement = _parse(text)
+        if not requirement.pinned:
             continue
-        name = requirement_name(requirement)
-        owner = owners.get(name)
-        if owner is None:
-            owners[name] = (plugin, spec)
-        elif owner[1] != spec:
+        first = owners.setdefault(requirement.key, (owner, text))
+        if not requirement.same_pin(_parse(first[1])):
+            name = requirement.name
             raise PinConflictError(
-                f"conflicting pins for {name!r}: {owner[0]} requires {name}{owner[1]} but "
-                f"{plugin} requires {name}{spec}; give both the same version (e.g. the "
+                f"conflicting pins for {name!r}: {first[0]} requires {first[1]!r} but "
+                f"{owner} requires {text!r}; give both the same version (e.g. the "
                 "plugin's version=...) or drop one of the pins"
             )
 
 
 def deduplicated(image: Image) -> Image:
-    """One requirement per package: a pinned requirement wins over an unpinned one."""
-    chosen: dict[str, str] = {}
-    for requirement in image.pip:
-        name = requirement_name(requirement)
-        if name not in chosen or _requirement_spec(requirement):
-            chosen[name] = requirement
-    return Image(
-        python=image.python, pip=tuple(chosen.values()), env=image.env, wheelhouse=image.wheelhouse
-    )
+    """One requirement per package (and marker): a pinned requirement wins over an unpinned
+    one, and keeps the extras that the others asked for."""
+    chosen: dict[tuple[str, str], _Requirement] = {}
+    extras: dict[tuple[str, str], frozenset[str]] = {}
+    for text in image.pip:
+        requirement = _parse(text)
+        extras[requirement.key] = extras.get(requirement.key, frozenset()) | requirement.extras
+        if requirement.key not in chosen or requirement.pinned:
+            chosen[requirement.key] = requirement
+    pip = []
+    for key, requirement in chosen.items():
+        missing = extras[key] - requirement.extras
+        pip.append(requirement.with_extras(extras[key]) if missing else requirement.text)
+    return Image(python=image.python, pip=tuple(pip), env=image.env, wheelhouse=image.wheelhouse)

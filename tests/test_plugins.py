@@ -180,3 +180,52 @@ def test_wrong_hook_signature_is_a_plugin_error_naming_the_hookspec() -> None:
     message = str(info.value)
     for part in ("'wrong-signature'", "transform_image", "'img'", "transform_image(image)"):
         assert part in message, message
+
+
+# --- requirements: parsed and compared like pip (packaging) ------------------------------------
+
+WHEEL_URL = "https://files.example.invalid/pkg/pkg-1.0-py3-none-any.whl"
+
+
+def test_image_accepts_url_marker_and_extras_requirements() -> None:
+    from skyward.spec import requirement_name
+
+    lines = [
+        f"pkg @ {WHEEL_URL}",
+        "pandas; python_version > '3.8'",
+        "Scikit_Learn[benchmark]>=1.4,<2",
+        "git+https://github.example.invalid/org/thing.git@v1#egg=Thing",
+        WHEEL_URL.replace("pkg-1.0", "other_pkg-2.0"),
+    ]
+    image = sky.Image(pip=lines)
+    assert image.pip == tuple(lines)  # passed to the installer as written
+    names = [requirement_name(line) for line in lines]
+    assert names == ["pkg", "pandas", "scikit-learn", "thing", "other-pkg"]
+    with pytest.raises(ValueError, match=r"invalid pip requirement './local/pkg'.*wheelhouse"):
+        sky.Image(pip=["./local/pkg"])
+
+
+def test_equal_specifier_sets_in_another_order_are_not_a_conflict() -> None:
+    a, b = Recorder("a", [], pin="numpy<2,>=1.26"), Recorder("b", [], pin="numpy >= 1.26, < 2.0")
+    with sky.Compute(nodes=1, plugins=[a, b], image=sky.Image(pip=["numpy>=1.26,<2"])) as compute:
+        assert [r for r in compute.image.pip if r.startswith("numpy")] == ["numpy >= 1.26, < 2.0"]
+
+
+def test_url_pin_against_a_version_pin_names_both_owners() -> None:
+    plugin = Recorder("wheel-pinner", [], pin=f"pkg @ {WHEEL_URL}")
+    with pytest.raises(sky.PinConflictError) as info:
+        sky.Compute(nodes=1, plugins=[plugin], image=sky.Image(pip=["pkg==1.0"])).__enter__()
+    message = str(info.value)
+    for part in ("the Image", "'pkg==1.0'", "'wheel-pinner'", WHEEL_URL):
+        assert part in message, message
+
+
+def test_marker_requirements_and_extras_survive_composition() -> None:
+    plugin = Recorder("p", [], pin="pandas>=2")
+    image = sky.Image(pip=["pandas[parquet]", "numpy<2; python_version < '3.9'", "numpy>=2"])
+    with sky.Compute(nodes=1, plugins=[plugin], image=image) as compute:
+        assert compute.image.pip == (
+            "pandas[parquet]>=2",  # the pin wins and keeps the extra asked for
+            "numpy<2; python_version < '3.9'",  # pins under other markers are separate
+            "numpy>=2",
+        )

@@ -222,3 +222,19 @@ def test_fewer_nodes_use_the_first_hosts(provider: sky.SSH, image: sky.Image) ->
     with sky.Compute(provider, nodes=2, image=image) as compute:
         assert [n.name for n in compute.nodes] == [f"127.0.0.2:{PORT}", f"127.0.0.3:{PORT}"]
         assert compute.submit(square, 9).result() == 81
+
+
+def test_url_and_marker_requirements_install_on_the_host(
+    ssh_clean: SSHDCluster, tmp_path: Path, ssh_wheelhouse: str
+) -> None:
+    """A ``name @ URL`` requirement installs that file; a requirement whose marker is false
+    on the host (a package no index has) is skipped by the installer, as pip does."""
+    wheel = next(Path(ssh_wheelhouse).glob("threadpoolctl-*.whl"))
+    image = sky.Image(
+        pip=[f"threadpoolctl @ {wheel.as_uri()}", "no-such-package-xyz; python_version < '3'"],
+        wheelhouse=ssh_wheelhouse,
+    )
+    provider = make_provider(ssh_clean, str(tmp_path / "envs"))
+    with sky.Compute(provider, nodes=1, image=image) as compute:
+        info = compute.submit(where).result(timeout=60)
+    assert str(info["threadpoolctl"]).startswith(str(tmp_path / "envs" / image.digest()))

@@ -307,6 +307,38 @@ def test_explicit_instance_type_and_ami_win(moto: Moto, aws_provider: Callable[.
     assert (instance["InstanceType"], instance["ImageId"]) == ("t3.micro", ami)
 
 
+def _ssm_ami(moto: Moto, arch: str) -> str:
+    import boto3
+
+    ssm = boto3.client("ssm", region_name=moto.region, endpoint_url=moto.endpoint)
+    parameter = f"/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-{arch}"
+    return str(ssm.get_parameter(Name=parameter)["Parameter"]["Value"])
+
+
+@pytest.mark.parametrize(
+    ("instance_type", "arch"), [("t2.micro", "x86_64"), ("c7g.large", "arm64")]
+)
+def test_image_architecture_comes_from_the_instance_type(
+    moto: Moto, aws_provider: Callable[..., Any], instance_type: str, arch: str
+) -> None:
+    """t2 types list i386 first; the image is the x86_64 one, never an i386 lookup."""
+    cluster = spec(1)
+    with ExitStack() as stack:
+        aws_provider(instance_type=instance_type).launch(cluster, stack)
+        (instance,) = moto.live_instances(cluster.cluster_id)
+    assert (instance["InstanceType"], instance["ImageId"]) == (instance_type, _ssm_ami(moto, arch))
+
+
+def test_instance_type_of_no_usable_architecture_fails_before_creating_anything(
+    moto: Moto, aws_provider: Callable[..., Any]
+) -> None:
+    cluster = spec(1)
+    with pytest.raises(ValueError, match=r"mac1\.metal.*x86_64_mac.*x86_64 or arm64"):
+        with ExitStack() as stack:
+            aws_provider(instance_type="mac1.metal").launch(cluster, stack)
+    assert moto.leftovers(cluster.cluster_id) == []
+
+
 def test_unknown_instance_type_fails_before_creating_anything(
     moto: Moto, aws_provider: Callable[..., Any]
 ) -> None:

@@ -77,6 +77,7 @@ REMOTE_PYTHON = "/usr/local/bin/skyward-python"
 _LIVE_STATES = ["pending", "running", "stopping", "stopped", "shutting-down"]
 
 Architecture = Literal["x86_64", "arm64"]
+ARCHITECTURES: tuple[Architecture, ...] = ("x86_64", "arm64")  # in order of preference
 Address = tuple[str, int]
 AddressResolver = Callable[[Mapping[str, Any]], Address]
 
@@ -439,6 +440,19 @@ def _instance_type_info(ec2: Any, instance_type: str) -> dict[str, Any]:
     return dict(found[0])
 
 
+def instance_architecture(ec2: Any, instance_type: str) -> Architecture:
+    """The architecture of the image for ``instance_type``: ``x86_64`` if it supports it,
+    else ``arm64`` (t2 types also list ``i386``, for which there is no current image)."""
+    supported = _instance_type_info(ec2, instance_type)["ProcessorInfo"]["SupportedArchitectures"]
+    for arch in ARCHITECTURES:
+        if arch in supported:
+            return arch
+    raise ValueError(
+        f"sky.AWS(instance_type={instance_type!r}) supports {', '.join(supported)}: Skyward "
+        "runs on x86_64 or arm64 instances; choose another instance type"
+    )
+
+
 def resolve_ami(ssm: Any, parameter: str) -> str:
     """The AMI id stored in the public SSM ``parameter`` (e.g. the latest Amazon Linux)."""
     try:
@@ -716,7 +730,7 @@ class AWS(Provider):
         public_ip_lookup: Callable[[], str] = checkip,
     ) -> None:
         _boto3()
-        if arch not in ("x86_64", "arm64"):
+        if arch not in ARCHITECTURES:
             raise ValueError(f"sky.AWS(arch={arch!r}) must be 'x86_64' or 'arm64'")
         if ssh_cidr is not None:
             try:
@@ -788,9 +802,7 @@ class AWS(Provider):
         deadline = time.monotonic() + self.start_timeout
         if self.instance_type is not None:
             instance_type = self.instance_type
-            arch = _instance_type_info(ec2, instance_type)["ProcessorInfo"][
-                "SupportedArchitectures"
-            ][0]
+            arch = instance_architecture(ec2, instance_type)
         else:
             arch = self.arch
             instance_type = pick_instance_type(ec2, spec.vcpus, spec.memory, arch, self.spot)

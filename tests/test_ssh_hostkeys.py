@@ -3,6 +3,7 @@ connect; pinned keys (as the AWS provider uses) accept only themselves."""
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 from sshd_hosts import SSHDCluster, write_keypair
 
 import skyward as sky
+from skyward.node import NodeStartError
 from skyward.providers.ssh import HostKeyError, HostLauncher
 
 pytestmark = pytest.mark.timeout(120)
@@ -120,3 +122,36 @@ def test_pinned_host_key_accepts_only_itself(
     with pytest.raises(HostKeyError, match="CHANGED.*pin its new key"):
         node.open()
     node.close()
+
+
+def test_key_and_known_hosts_paths_starting_with_tilde_are_expanded(
+    ssh_clean: SSHDCluster,
+    ssh_env_root: str,
+    image: sky.Image,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``SSH(key_filename="~/.ssh/id_ed25519")`` as docs/ssh.md writes it."""
+    ssh_dir = tmp_path / "home" / ".ssh"
+    ssh_dir.mkdir(parents=True)
+    shutil.copy(ssh_clean.key_filename, ssh_dir / "id_test")
+    (ssh_dir / "id_test").chmod(0o600)
+    shutil.copy(ssh_clean.known_hosts, ssh_dir / "known_hosts_test")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    tilde = sky.SSH(
+        ssh_clean.specs(),
+        key_filename="~/.ssh/id_test",
+        known_hosts="~/.ssh/known_hosts_test",
+        python=sys.executable,
+        env_root=ssh_env_root,
+    )
+    with sky.Compute(tilde, nodes=1, image=image) as compute:
+        assert compute.submit(abs, -3).result(timeout=60) == 3
+    missing = sky.SSH(
+        ssh_clean.specs(), key_filename="~/.ssh/id_missing", known_hosts="~/.ssh/known_hosts_test"
+    )
+    expected = str(ssh_dir / "id_missing")
+    with pytest.raises(NodeStartError) as info:
+        with sky.Compute(missing, nodes=1, image=image):
+            pytest.fail("a missing key file must not connect")
+    assert f"key file {expected} does not exist" in str(info.value)

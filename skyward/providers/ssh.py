@@ -83,8 +83,10 @@ class SSH(Provider):
             uses the first ``n`` of them.
         user: login name for hosts that do not give one (default: your local user name).
         port: SSH port for hosts that do not give one.
-        key_filename: private key file; by default your SSH agent and ``~/.ssh/id_*``.
-        known_hosts: file of trusted host keys (default ``~/.ssh/known_hosts``).
+        key_filename: private key file (``~`` is expanded); by default your SSH agent and
+            ``~/.ssh/id_*``.
+        known_hosts: file of trusted host keys (default ``~/.ssh/known_hosts``; ``~`` is
+            expanded).
         python: interpreter on the hosts used to create the environment; it must be the
             client's Python minor version.
         connect_timeout: seconds to connect and authenticate to each host.
@@ -288,6 +290,12 @@ class HostLauncher(Launcher):
                 raise self._fail("connect", f"known_hosts file {path} does not exist")
             source = path
         client.set_missing_host_key_policy(_Reject(self.name, source))
+        key_filename = os.path.expanduser(self.key_filename) if self.key_filename else None
+        if key_filename is not None and not os.path.exists(key_filename):
+            raise self._fail(
+                "connect",
+                f"key file {key_filename} does not exist: check sky.SSH(key_filename=...)",
+            )
         with self._lock:
             if self._closed:
                 raise self._fail("connect", "the cluster is shutting down")
@@ -299,7 +307,7 @@ class HostLauncher(Launcher):
                 self.port,
                 self.username,
                 pkey=self.pkey,
-                key_filename=self.key_filename,
+                key_filename=key_filename,
                 timeout=self.connect_timeout,
                 banner_timeout=self.connect_timeout,
                 auth_timeout=self.connect_timeout,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -164,22 +165,25 @@ class WrongSignature:
         return img
 
 
-def test_misspelt_hook_is_an_error_naming_it_and_the_known_hooks() -> None:
+def plugin_error(plugin: object) -> str:
+    """The message of the PluginError that ``Compute(plugins=[plugin])`` raises."""
     with pytest.raises(sky.PluginError) as info:
-        sky.Compute(plugins=[Misspelt()])
-    message = str(info.value)
-    for part in ("'misspelt'", "transform_imgae", "transform_image", "around_client"):
-        assert part in message, message
-    with pytest.raises(sky.PluginError, match=r"'half'.*around_clinet.*around_client"):
-        sky.Compute(plugins=[HalfMisspelt("half", [])])
+        sky.Compute(plugins=[plugin])
+    return str(info.value)
+
+
+def test_misspelt_hook_is_an_error_naming_it_and_the_known_hooks() -> None:
+    message = plugin_error(Misspelt())
+    parts = ("'misspelt'", "transform_imgae", "transform_image", "around_client")
+    assert all(part in message for part in parts), message
+    half = plugin_error(HalfMisspelt("half", []))
+    assert re.search(r"'half'.*around_clinet.*around_client", half), half
 
 
 def test_wrong_hook_signature_is_a_plugin_error_naming_the_hookspec() -> None:
-    with pytest.raises(sky.PluginError) as info:
-        sky.Compute(plugins=[WrongSignature()])
-    message = str(info.value)
-    for part in ("'wrong-signature'", "transform_image", "'img'", "transform_image(image)"):
-        assert part in message, message
+    message = plugin_error(WrongSignature())
+    parts = ("'wrong-signature'", "transform_image", "'img'", "transform_image(image)")
+    assert all(part in message for part in parts), message
 
 
 # --- requirements: parsed and compared like pip (packaging) ------------------------------------

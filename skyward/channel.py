@@ -17,6 +17,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from typing import IO, TYPE_CHECKING
 
+from skyward.waits import call_with_timeout
+
 if TYPE_CHECKING:
     import paramiko
 
@@ -148,22 +150,9 @@ class _ChannelIO(io.RawIOBase):
 
 
 def _bounded(fn: Callable[[], object], timeout: float) -> bool:
-    """Run ``fn`` on a helper thread; return whether it finished within ``timeout``.
-
-    paramiko calls can block forever on a silently dropped connection; the caller
-    then closes the transport, which makes the stuck call fail and the thread end.
-    """
-
-    def run() -> None:
-        try:
-            fn()
-        except Exception:  # noqa: BLE001 - a failed best-effort step is a finished one
-            pass
-
-    thread = threading.Thread(target=run, name="skyward-ssh-bounded", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return not thread.is_alive()
+    """Whether ``fn`` finished within ``timeout``: paramiko calls can block forever on a
+    silently dropped connection; the caller then closes the transport, which ends them."""
+    return call_with_timeout(fn, timeout, name="skyward-ssh-bounded")[0]
 
 
 class SSHChannel(Channel):

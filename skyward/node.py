@@ -9,14 +9,11 @@ from typing import TYPE_CHECKING, Any
 
 from skyward import wire
 from skyward.channel import Channel
+from skyward.errors import NodeStartError
 from skyward.wire import Kind
 
 if TYPE_CHECKING:
     from skyward.scheduler import Scheduler, TaskRecord
-
-
-class NodeStartError(RuntimeError):
-    """A node could not be started; the message names the node and the step."""
 
 
 class Node:

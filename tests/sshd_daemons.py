@@ -25,7 +25,7 @@ import psutil
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from skyward.bootstrap import wheel_from_installed
+from skyward.bootstrap.wheels import wheel_from_installed
 
 SSHD = "/usr/sbin/sshd"
 # Several checkouts on one machine can test at once, each on its own port.

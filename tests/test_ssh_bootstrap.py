@@ -1,33 +1,40 @@
 """The host side of the bootstrap run directly (no SSH): the ``python -m venv`` + pip path
-for hosts without uv, and host string parsing."""
+for hosts without uv, what is shipped, and host string parsing; remote commands over a
+loopback sshd."""
 
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+import paramiko
 import pytest
+from sshd_hosts import SSHDCluster
 
 import skyward as sky
 from skyward import bootstrap
+from skyward.bootstrap import remote
+from skyward.bootstrap.wheels import ClientWheels
 from skyward.providers.ssh import Host
 
 
 def host_side(command: str, args: dict[str, object]) -> dict[str, object]:
     """Run the bootstrap's host-side ``command`` here, as the SSH provider runs it there."""
-    line = bootstrap.remote_command(sys.executable, command, args)
+    line = remote.remote_command(sys.executable, command, args)
     proc = subprocess.run(line, shell=True, capture_output=True, text=True, timeout=600)
-    return bootstrap._parse(command, proc.returncode, proc.stdout, proc.stderr)
+    return remote.parse_result(command, proc.returncode, proc.stdout, proc.stderr)
 
 
 def stage(plan: bootstrap.Plan, base: dict[str, object], wheelhouse: str) -> dict[str, object]:
     """Probe, then place the files as the SFTP upload does; return the prepare arguments."""
     probe = host_side("probe", base)
     assert probe["ready"] is False
-    wheels = bootstrap.ClientWheels.shared().paths
+    wheels = ClientWheels.shared().paths
     for wheel in Path(wheelhouse).iterdir():
         shutil.copy(wheel, Path(str(probe["wheelhouse"])) / wheel.name)
     for wheel in wheels:
@@ -102,3 +109,73 @@ def test_provider_checks_its_arguments() -> None:
     with pytest.raises(ValueError, match="empty"):
         sky.SSH([])
     assert json.dumps(sky.SSH(["a", "b:2"]).hosts) == '["a", "b:2"]'
+
+
+def test_only_the_standard_library_host_script_is_shipped(tmp_path: Path) -> None:
+    """The command carries ``bootstrap/host.py`` and nothing else, and it runs on an
+    interpreter that has no site-packages at all (no skyward, no paramiko)."""
+    import ast
+    import base64
+    import zlib
+
+    from skyward.bootstrap import host
+
+    line = remote.remote_command(sys.executable, "probe", {})
+    payload = shlex.split(line)[3]
+    shipped = zlib.decompress(base64.b64decode(payload))
+    assert shipped == Path(host.__file__).read_bytes()
+    imported = {
+        (node.module or "") if isinstance(node, ast.ImportFrom) else alias.name
+        for node in ast.walk(ast.parse(shipped))
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for alias in node.names
+    }
+    assert {name.split(".")[0] for name in imported} <= set(sys.stdlib_module_names) | {
+        "__future__"
+    }
+    bare = tmp_path / "bare-python"
+    bare.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -I -S "$@"\n')
+    bare.chmod(0o755)
+    args = {"env_root": str(tmp_path / "envs"), "digest": "d", "install_key": "k", "code": "c"}
+    line = remote.remote_command(str(bare), "probe", args)
+    proc = subprocess.run(line, shell=True, capture_output=True, text=True, timeout=60)
+    probe = remote.parse_result("probe", proc.returncode, proc.stdout, proc.stderr)
+    assert probe["ready"] is False and probe["env"] == str(tmp_path / "envs" / "d")
+
+
+@pytest.fixture
+def ssh_client(ssh_clean: SSHDCluster) -> Iterator[paramiko.SSHClient]:
+    """A paramiko connection to the first loopback host."""
+    host = ssh_clean.hosts[0]
+    client = paramiko.SSHClient()
+    client.load_host_keys(ssh_clean.known_hosts)
+    client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    client.connect(host.address, host.port, ssh_clean.user, key_filename=ssh_clean.key_filename,
+                   look_for_keys=False, allow_agent=False, timeout=30)  # fmt: skip
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def test_run_remote_returns_both_streams_whole_and_lines_as_they_come(
+    ssh_client: paramiko.SSHClient,
+) -> None:
+    """More than a channel window on stdout and on stderr at once: neither stream stalls."""
+    script = (
+        "import sys\n"
+        "for i in range(3000): print(f'line {i} ' + 'x' * 100); sys.stderr.write('e' * 100)\n"
+        "sys.exit(3)"
+    )
+    lines: list[str] = []
+    command = f"{shlex.quote(sys.executable)} -c {shlex.quote(script)}"
+    code, out, err = remote.run_remote(ssh_client, command, 60, lines.append)
+    assert code == 3
+    assert out.splitlines() == lines == [f"line {i} " + "x" * 100 for i in range(3000)]
+    assert err == "e" * 300_000
+
+
+def test_run_remote_gives_up_at_its_timeout(ssh_client: paramiko.SSHClient) -> None:
+    """A command that never answers (it waits for input that never comes): TimeoutError."""
+    with pytest.raises(TimeoutError, match="no answer within"):
+        remote.run_remote(ssh_client, "read line", 0.5)

@@ -12,8 +12,8 @@ import pytest
 from sshd_hosts import SSHDCluster, write_keypair
 
 import skyward as sky
-from skyward.node import NodeStartError
-from skyward.providers.ssh import HostKeyError, HostLauncher
+from skyward.errors import HostKeyError, NodeStartError
+from skyward.providers.ssh import HostLauncher
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -20,7 +20,7 @@ from sshd_hosts import PORT, SSHDCluster
 
 import skyward as sky
 from skyward.bootstrap import INSTALL_STEPS
-from skyward.node import NodeStartError
+from skyward.errors import NodeStartError
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -17,7 +17,7 @@ from conftest import wait_until
 from sshd_hosts import PORT, SSHDCluster, bootstrapped_agents
 
 import skyward as sky
-from skyward.node import NodeStartError
+from skyward.errors import NodeStartError
 
 pytestmark = pytest.mark.timeout(180)
 PICKLE_BY_VALUE = True  # see conftest: hosts do not have this module

@@ -25,9 +25,11 @@ import paramiko
 
 from skyward import bootstrap
 from skyward.channel import Channel, SSHChannel
-from skyward.node import NodeStartError
+from skyward.errors import HostKeyError, NodeStartError
 from skyward.providers import ClusterSpec, Launcher, Provider
 from skyward.spec import Image
+
+__all__ = ["SSH", "Host", "HostKeyError", "HostLauncher"]
 
 log = logging.getLogger("skyward.bootstrap")
 
@@ -36,10 +38,6 @@ DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
 # A frame stream benefits from a large window: big blobs flow without waiting for acks.
 WINDOW_SIZE = 16 * 1024 * 1024
 MAX_PACKET = 32 * 1024
-
-
-class HostKeyError(NodeStartError):
-    """The host's SSH key is unknown or differs from the trusted one."""
 
 
 @dataclass(frozen=True)

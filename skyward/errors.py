@@ -1,0 +1,29 @@
+"""Skyward's exceptions.
+
+For now the errors of starting and removing nodes, which every provider raises
+(the other exceptions still live beside the code that raises them).
+"""
+
+from __future__ import annotations
+
+__all__ = ["AWSCleanupError", "BootstrapError", "HostKeyError", "NodeStartError"]
+
+
+class NodeStartError(RuntimeError):
+    """A node could not be started; the message names the node and the step."""
+
+
+class HostKeyError(NodeStartError):
+    """The host's SSH key is unknown or differs from the trusted one."""
+
+
+class BootstrapError(RuntimeError):
+    """A host's environment could not be prepared; ``step`` names what failed."""
+
+    def __init__(self, message: str, step: str) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+class AWSCleanupError(RuntimeError):
+    """Some AWS resources of a cluster could not be removed (the message says which)."""

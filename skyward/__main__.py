@@ -21,9 +21,9 @@ def _plugins(_: argparse.Namespace) -> int:
 
 
 def _aws(args: argparse.Namespace) -> int:
-    from skyward.providers import aws
+    from skyward.providers.aws.cli import cli
 
-    return aws.cli(args)
+    return cli(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

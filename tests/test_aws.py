@@ -23,14 +23,10 @@ from conftest import wait_until
 
 import skyward as sky
 from skyward.providers import ClusterSpec
-from skyward.providers import aws as aws_module
-from skyward.providers.aws import (
-    PRICE_PER_VCPU_HOUR,
-    KeyPair,
-    pick_instance_type,
-    render_user_data,
-    render_wrapper,
-)
+from skyward.providers.aws import ec2, teardown
+from skyward.providers.aws.catalog import PRICE_PER_VCPU_HOUR, pick_instance_type
+from skyward.providers.aws.keys import KeyPair
+from skyward.providers.aws.userdata import SETUP_PENDING, render_user_data, render_wrapper
 from skyward.spec import Image, Worker
 
 if TYPE_CHECKING:
@@ -226,7 +222,7 @@ def test_python_wrapper_waits_for_setup_then_runs_the_installed_python(tmp_path:
     pending = subprocess.run(
         [str(wrapper), "-c", "print(1)"], capture_output=True, text=True, timeout=30
     )
-    assert pending.returncode == 75 and aws_module.SETUP_PENDING in pending.stderr
+    assert pending.returncode == 75 and SETUP_PENDING in pending.stderr
     (tmp_path / "python").write_text(sys.executable + "\n")
     (tmp_path / "ready").touch()
     ready = subprocess.run(
@@ -329,23 +325,21 @@ def test_image_architecture_comes_from_the_instance_type(
     assert (instance["InstanceType"], instance["ImageId"]) == (instance_type, _ssm_ami(moto, arch))
 
 
-def test_instance_type_of_no_usable_architecture_fails_before_creating_anything(
-    moto: Moto, aws_provider: Callable[..., Any]
+@pytest.mark.parametrize(
+    ("instance_type", "error"),
+    [
+        ("q9.huge", "no such EC2 instance type"),
+        # Neither x86_64 nor arm64: no Amazon Linux image to look up.
+        ("mac1.metal", r"mac1\.metal.*x86_64_mac.*x86_64 or arm64"),
+    ],
+)
+def test_unusable_instance_type_fails_before_creating_anything(
+    moto: Moto, aws_provider: Callable[..., Any], instance_type: str, error: str
 ) -> None:
     cluster = spec(1)
-    with pytest.raises(ValueError, match=r"mac1\.metal.*x86_64_mac.*x86_64 or arm64"):
+    with pytest.raises(ValueError, match=error):
         with ExitStack() as stack:
-            aws_provider(instance_type="mac1.metal").launch(cluster, stack)
-    assert moto.leftovers(cluster.cluster_id) == []
-
-
-def test_unknown_instance_type_fails_before_creating_anything(
-    moto: Moto, aws_provider: Callable[..., Any]
-) -> None:
-    cluster = spec(1)
-    with pytest.raises(ValueError, match="no such EC2 instance type"):
-        with ExitStack() as stack:
-            aws_provider(instance_type="q9.huge").launch(cluster, stack)
+            aws_provider(instance_type=instance_type).launch(cluster, stack)
     assert moto.leftovers(cluster.cluster_id) == []
 
 
@@ -432,7 +426,7 @@ def test_teardown_finds_instances_by_tag_even_if_the_client_lost_their_ids(
     aws_provider().launch(cluster, stack)
     leaked = stack.pop_all()  # the client "forgets" what it created
     try:
-        removed = aws_module.destroy_cluster(moto.ec2, cluster.cluster_id, poll=0.1, progress=False)
+        removed = teardown.destroy_cluster(moto.ec2, cluster.cluster_id, poll=0.1, progress=False)
         assert len([r for r in removed if r.startswith("instance ")]) == 2
         assert moto.leftovers(cluster.cluster_id) == []
     finally:
@@ -448,14 +442,14 @@ def test_teardown_survives_a_second_ctrl_c(monkeypatch: pytest.MonkeyPatch) -> N
         messages.append(message)
         interrupted.set()
 
-    monkeypatch.setattr(aws_module, "_say", record)
+    monkeypatch.setattr(ec2, "say", record)
 
     def work() -> None:
         os.kill(os.getpid(), signal.SIGINT)
         # Finish only once the waiting thread has seen (and survived) the interrupt.
         assert interrupted.wait(10)
 
-    aws_module._run_shielded(work, 30, "removing test resources")
+    teardown.run_shielded(work, 30, "removing test resources")
     assert messages and "still removing test resources" in messages[0]
 
 

@@ -30,8 +30,8 @@ from conftest import need, wait_until
 from sshd_hosts import SSHD, bootstrapped_agents, start_sshd, stop_sshd, write_keypair
 
 import skyward as sky
-from skyward.node import NodeStartError
-from skyward.providers.aws import render_wrapper
+from skyward.errors import NodeStartError
+from skyward.providers.aws.userdata import render_wrapper
 
 if TYPE_CHECKING:
     from moto_ec2 import Moto

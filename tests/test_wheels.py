@@ -114,6 +114,15 @@ def test_skyward_sklearn_installs_from_built_wheels_and_runs(tmp_path: Path) -> 
     installed_plugin = Path(out["plugin"]).with_name("plugin.py").read_text()
     assert installed_plugin == (ROOT / "skyward_sklearn/skyward_sklearn/plugin.py").read_text()
 
+    # The AWS user-data templates are package data: they must be in the wheel.
+    render = (
+        "from skyward.providers.aws.keys import KeyPair\n"
+        "from skyward.providers.aws.userdata import render_user_data\n"
+        "print(render_user_data(KeyPair.generate(), '3.11', 15))"
+    )
+    user_data = _run([str(python), "-c", render], run_dir, env, 60)
+    assert "skyward-deadman" in user_data and "uv python install 3.11" in user_data, user_data
+
     listing = _run([str(python), "-m", "skyward", "plugins"], run_dir, env, 60)
     rows = {line.split()[0]: line.split()[1:] for line in listing.splitlines()[1:]}
     assert rows.get("joblib", [None])[0] == "skyward-joblib", listing

@@ -6,9 +6,11 @@ by a body. Bodies above :data:`COMPRESS_THRESHOLD` bytes are compressed with
 
 Task payloads are cloudpickled. Large arguments (numpy arrays, bytes, pandas
 objects above :data:`BLOB_THRESHOLD`) and functions pickled by value become
-*blobs*: serialized once, keyed by a content hash and referenced from the task
-(a reduce to :func:`_blob`, or a persistent id for large ``bytes``), so each is
-sent to a node once.
+*blobs*: serialized, keyed by a content hash and referenced from the task (a
+reduce to :func:`_blob`, or a persistent id for large ``bytes``), so each is
+sent to a node once. Within one call (a :class:`CallScope`: a ``Parallel`` call,
+a ``map``) a large argument is serialized once and then named by identity;
+outside, its content is hashed at every send, so an in-place change is seen.
 Medium arrays (above :data:`REUSE_THRESHOLD`) become blobs once the same object
 is sent again with unchanged content, so repeated ``y`` and index arrays are not
 re-sent either.
@@ -331,19 +333,92 @@ def _compressible(data: bytes, sample: int = 64 * 1024) -> bool:
     return packed < 0.9 * len(parts) * sample
 
 
-class BlobRegistry:
-    """Client-side: serialize each large object once and remember it by identity and content.
+class _IdentityMemo:
+    """Values keyed by object identity, each valid only while its object lives.
 
-    Objects that support weak references (arrays, functions) are remembered until
-    they are garbage collected; others (bytes) are kept for the registry's life.
+    An object that cannot be weakly referenced (``bytes``) is held when ``strong``,
+    else not remembered. A lost entry only costs a recomputation.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[Any, bool, Any]] = {}
+
+    def get(self, obj: object) -> Any:
+        """The value remembered for this very object, or ``None``."""
+        entry = self._entries.get(id(obj))
+        if entry is None:
+            return None
+        ref, weak, value = entry
+        return value if (ref() if weak else ref) is obj else None
+
+    def put(self, obj: object, value: Any, strong: bool = False) -> None:
+        ident = id(obj)
+        entry: tuple[Any, bool, Any]
+        try:
+            entry = (weakref.ref(obj, partial(self._drop, ident)), True, value)
+        except TypeError:
+            if not strong:
+                return
+            entry = (obj, False, value)
+        self._entries[ident] = entry
+
+    def _drop(self, ident: int, ref: weakref.ref[Any]) -> None:
+        entry = self._entries.get(ident)
+        if entry is not None and entry[0] is ref:
+            self._entries.pop(ident, None)
+
+    def clear(self) -> None:
+        self._entries = {}
+
+
+class CallScope:
+    """One call (a ``Parallel`` call, a ``Compute.map``), during which identity names data.
+
+    Within a scope each large argument object is pickled and hashed once: sent again
+    during the call, it is named by identity, without looking at its content
+    (joblib's dask backend scopes its cache to a call the same way). Outside any
+    scope, and after :meth:`close`, content decides every time, so an array changed
+    in place between calls is always seen.
+    """
+
+    def __init__(self) -> None:
+        self.objects = _IdentityMemo()  # large argument -> blob key
+        self.closed = False
+
+    def close(self) -> None:
+        """End the call: forget every identity (later sends are matched by content)."""
+        self.closed = True
+        self.objects.clear()
+
+    def __enter__(self) -> CallScope:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _open(scope: CallScope | None) -> CallScope | None:
+    """``scope`` while its call runs, else ``None`` (a closed scope names nothing)."""
+    return scope if scope is not None and not scope.closed else None
+
+
+class BlobRegistry:
+    """Client-side: serialize each large object once and key it by the hash of its bytes.
+
+    Large objects are named by identity only within a :class:`CallScope`; medium
+    ones are remembered by identity (weakly) only to notice that they are sent again.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._by_id: dict[int, tuple[Any, str]] = {}
+        self._seen = _IdentityMemo()  # medium object -> content key when last sent ("": unhashed)
         self._blobs: dict[str, Blob] = {}
 
-    def key_for(self, obj: object) -> str | None:
+    def scope(self) -> CallScope:
+        """Open the scope of one call; close it (or leave its ``with``) when the call ends."""
+        return CallScope()
+
+    def key_for(self, obj: object, scope: CallScope | None = None) -> str | None:
         """Return the blob key for ``obj`` if it should travel as a blob, else ``None``."""
         if _by_value(obj):
             # Pickled anew each time: a function's globals may have changed since the
@@ -352,17 +427,14 @@ class BlobRegistry:
         size = _nbytes(obj)
         if size < REUSE_THRESHOLD:
             return None
-        entry = self._by_id.get(id(obj))
-        seen = (
-            entry is not None
-            and (entry[0]() if isinstance(entry[0], weakref.ref) else entry[0]) is obj
-        )
         if size < BLOB_THRESHOLD:
-            return self._medium(obj, entry[1] if seen and entry is not None else None)
-        if seen and entry is not None and entry[1]:
-            return entry[1]
-        key = self._store(cloudpickle.dumps(obj, protocol=PICKLE_PROTOCOL))
-        self._remember(obj, key, strong=True)
+            return self._medium(obj, self._seen.get(obj))
+        scope = _open(scope)
+        key: str | None = scope.objects.get(obj) if scope is not None else None
+        if key is None:
+            key = self._store(cloudpickle.dumps(obj, protocol=PICKLE_PROTOCOL))
+            if scope is not None:
+                scope.objects.put(obj, key, strong=True)
         return key
 
     def _medium(self, obj: object, previous: str | None) -> str | None:
@@ -373,28 +445,14 @@ class BlobRegistry:
         are hashed on every send after the first (about 1 ms per MB), never stale.
         """
         if previous is None:
-            self._remember(obj, "", strong=False)
+            self._seen.put(obj, "")
             return None
         data = cloudpickle.dumps(obj, protocol=PICKLE_PROTOCOL)
         key = hashlib.blake2b(data, digest_size=16).hexdigest()
         if key != previous:
-            self._remember(obj, key, strong=False)
+            self._seen.put(obj, key)
             return None
         return self._store(data, key)
-
-    def _remember(self, obj: object, key: str, strong: bool) -> None:
-        """Map ``obj``'s identity to ``key`` while it lives (for ever if ``strong`` and it
-        cannot be weakly referenced, like ``bytes``)."""
-        ident = id(obj)
-        ref: Any
-        try:
-            ref = weakref.ref(obj, partial(self._forget, ident))
-        except TypeError:
-            if not strong:
-                return
-            ref = obj
-        with self._lock:
-            self._by_id[ident] = (ref, key)
 
     def _store(self, data: bytes, key: str | None = None) -> str:
         """Keep ``data`` under its content hash (``key`` when already computed); return it."""
@@ -406,12 +464,6 @@ class BlobRegistry:
                 self._blobs.setdefault(key, blob)
         return key
 
-    def _forget(self, ident: int, ref: weakref.ref[Any]) -> None:
-        with self._lock:
-            entry = self._by_id.get(ident)
-            if entry is not None and entry[0] is ref:
-                del self._by_id[ident]
-
     def get(self, key: str) -> Blob:
         """The blob for ``key`` (it stays available while this registry lives)."""
         return self._blobs[key]
@@ -419,7 +471,7 @@ class BlobRegistry:
     def clear(self) -> None:
         """Forget every blob."""
         with self._lock:
-            self._by_id.clear()
+            self._seen.clear()
             self._blobs.clear()
 
 
@@ -432,13 +484,14 @@ class _TaskPickler(cloudpickle.Pickler):
     10**5 times in a batch is looked at once.
     """
 
-    def __init__(self, file: IO[bytes], registry: BlobRegistry) -> None:
+    def __init__(self, file: IO[bytes], registry: BlobRegistry, scope: CallScope | None) -> None:
         super().__init__(file, protocol=PICKLE_PROTOCOL)
         self._registry = registry
+        self._scope = scope
         self.keys: list[str] = []
 
     def reducer_override(self, obj: Any) -> Any:
-        key = self._registry.key_for(obj)
+        key = self._registry.key_for(obj, self._scope)
         if key is None:
             return super().reducer_override(obj)
         self.keys.append(key)
@@ -452,7 +505,7 @@ class _LargeTaskPickler(_TaskPickler):
     def persistent_id(self, obj: object) -> str | None:
         if type(obj) not in (bytes, bytearray) or len(obj) < BLOB_THRESHOLD:  # type: ignore[arg-type]
             return None
-        key = self._registry.key_for(obj)
+        key = self._registry.key_for(obj, self._scope)
         if key is not None:
             self.keys.append(key)
         return key
@@ -463,16 +516,20 @@ class UnpicklableTaskError(TypeError):
 
 
 def dumps_task(
-    fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], registry: BlobRegistry
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    registry: BlobRegistry,
+    scope: CallScope | None = None,
 ) -> tuple[bytes, tuple[str, ...]]:
     """Serialize a call; return the payload and the blob keys it references."""
     try:
         buffer = io.BytesIO()
-        pickler = _TaskPickler(buffer, registry)
+        pickler = _TaskPickler(buffer, registry, scope)
         pickler.dump((fn, args, kwargs))
         if buffer.tell() >= BLOB_THRESHOLD:
             buffer = io.BytesIO()
-            pickler = _LargeTaskPickler(buffer, registry)
+            pickler = _LargeTaskPickler(buffer, registry, scope)
             pickler.dump((fn, args, kwargs))
     except Exception as exc:
         name = getattr(fn, "__qualname__", repr(fn))

@@ -511,9 +511,9 @@ class Call:
     """One call on a :class:`Compute`: many tasks that name the same data.
 
     Made by :meth:`Compute.call`. Within a call a large argument object (an array of
-    1 MiB or more) is pickled and hashed once, then named by identity: an in-place
-    change made while the call runs may go unseen by its later tasks. Once the call
-    is closed, content decides again.
+    1 MiB or more) and a function pickled by value are pickled and hashed once, then
+    named by identity: an in-place change made while the call runs may go unseen by
+    its later tasks. Once the call is closed, content decides again.
     """
 
     def __init__(self, compute: Compute, scope: wire.CallScope) -> None:

@@ -400,11 +400,33 @@ class Compute(Executor):
         return self._scheduler
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
-        """Run ``fn(*args, **kwargs)`` on the cluster; return a future for its result."""
+        """Run ``fn(*args, **kwargs)`` on the cluster; return a future for its result.
+
+        Arguments are read when ``submit`` is called, large arrays included: change
+        one in place and submit again, and the task sees the new content.
+        """
+        return self._submit(fn, args, kwargs, None)
+
+    def _submit(
+        self,
+        fn: Callable[..., T],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        scope: wire.CallScope | None,
+    ) -> Future[T]:
         scheduler = self._running_scheduler()
-        payload, keys = wire.dumps_task(fn, args, kwargs, self._blobs)
+        payload, keys = wire.dumps_task(fn, args, kwargs, self._blobs, scope)
         name = getattr(fn, "__qualname__", None) or type(fn).__name__
         return scheduler.submit(payload, keys, name)
+
+    def call(self) -> Call:
+        """Start one call made of many tasks (what :meth:`map` and a joblib ``Parallel``
+        call are): within it, a large argument is pickled and hashed once per object.
+
+        Submit its tasks with :meth:`Call.submit` and close it when the call ends.
+        """
+        self._running_scheduler()
+        return Call(self, self._blobs.scope())
 
     def map(
         self,
@@ -413,14 +435,22 @@ class Compute(Executor):
         timeout: float | None = None,
         chunksize: int = 1,
     ) -> Iterator[T]:
-        """Like :meth:`concurrent.futures.Executor.map`; ``chunksize`` batches calls per task."""
+        """Like :meth:`concurrent.futures.Executor.map`; ``chunksize`` batches calls per task.
+
+        Every task is submitted before this returns, as one :meth:`call`: a large
+        argument is pickled once per ``map``, however many items name it.
+        """
         if chunksize < 1:
             raise ValueError(f"chunksize must be >= 1, got {chunksize}")
-        if chunksize == 1:
-            return super().map(fn, *iterables, timeout=timeout)
-        chunks = _chunks(zip(*iterables, strict=False), chunksize)
-        inner = super().map(_ChunkRunner(fn), chunks, timeout=timeout)
-        return (value for chunk in inner for value in chunk)
+        end = None if timeout is None else time.monotonic() + timeout
+        with self.call() as call:
+            if chunksize == 1:
+                futures = [call.submit(fn, *args) for args in zip(*iterables, strict=False)]
+                return _results(futures, end)
+            runner = _ChunkRunner(fn)
+            chunks = _chunks(zip(*iterables, strict=False), chunksize)
+            batches = [call.submit(runner, chunk) for chunk in chunks]
+        return (value for chunk in _results(batches, end) for value in chunk)
 
     # --- introspection --------------------------------------------------------------------
 
@@ -475,6 +505,52 @@ def _size(count: float) -> str:
             return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
         count /= 1024
     return f"{count:.1f} GiB"
+
+
+class Call:
+    """One call on a :class:`Compute`: many tasks that name the same data.
+
+    Made by :meth:`Compute.call`. Within a call a large argument object (an array of
+    1 MiB or more) and a function pickled by value are pickled and hashed once, then
+    named by identity: an in-place change made while the call runs may go unseen by
+    its later tasks. Once the call is closed, content decides again.
+    """
+
+    def __init__(self, compute: Compute, scope: wire.CallScope) -> None:
+        self.compute = compute
+        self._scope = scope
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        """:meth:`Compute.submit`, as part of this call."""
+        return self.compute._submit(fn, args, kwargs, self._scope)
+
+    def close(self) -> None:
+        """End the call (tasks already submitted run on)."""
+        self._scope.close()
+
+    def __enter__(self) -> Call:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _results(futures: list[Future[T]], end: float | None) -> Iterator[T]:
+    """Yield results in order, as ``Executor.map`` does; cancel the rest on the way out."""
+    futures.reverse()
+    try:
+        while futures:
+            future = futures.pop()
+            try:
+                value = future.result(None if end is None else end - time.monotonic())
+            except BaseException:
+                future.cancel()
+                raise
+            del future
+            yield value
+    finally:
+        for future in futures:
+            future.cancel()
 
 
 class _ChunkRunner:

@@ -6,16 +6,20 @@ by a body. Bodies above :data:`COMPRESS_THRESHOLD` bytes are compressed with
 
 Task payloads are cloudpickled. Large arguments (numpy arrays, bytes, pandas
 objects above :data:`BLOB_THRESHOLD`) and functions pickled by value become
-*blobs*: serialized once, keyed by a content hash and referenced from the task
-(a reduce to :func:`_blob`, or a persistent id for large ``bytes``), so each is
-sent to a node once.
+*blobs*: serialized, keyed by a content hash and referenced from the task (a
+reduce to :func:`_blob`, or a persistent id for large ``bytes``), so each is
+sent to a node once. Within one call (a :class:`CallScope`: a ``Parallel`` call,
+a ``map``) each such object is serialized once and then named by identity;
+outside, its content is hashed at every send, so an in-place change is seen.
 Medium arrays (above :data:`REUSE_THRESHOLD`) become blobs once the same object
 is sent again with unchanged content, so repeated ``y`` and index arrays are not
-re-sent either.
+re-sent either. A function is pickled inside its task instead when it shares an
+object with the rest of the task, so that identity holds on the node.
 """
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import io
 import pickle
@@ -27,7 +31,7 @@ import traceback
 import types
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from enum import IntEnum
 from functools import partial
@@ -331,39 +335,159 @@ def _compressible(data: bytes, sample: int = 64 * 1024) -> bool:
     return packed < 0.9 * len(parts) * sample
 
 
-class BlobRegistry:
-    """Client-side: serialize each large object once and remember it by identity and content.
+class _IdentityMemo:
+    """Values keyed by object identity, each valid only while its object lives.
 
-    Objects that support weak references (arrays, functions) are remembered until
-    they are garbage collected; others (bytes) are kept for the registry's life.
+    An object that cannot be weakly referenced (``bytes``) is held when ``strong``,
+    else not remembered. A lost entry only costs a recomputation.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[Any, bool, Any]] = {}
+
+    def get(self, obj: object) -> Any:
+        """The value remembered for this very object, or ``None``."""
+        entry = self._entries.get(id(obj))
+        if entry is None:
+            return None
+        ref, weak, value = entry
+        return value if (ref() if weak else ref) is obj else None
+
+    def put(self, obj: object, value: Any, strong: bool = False) -> None:
+        ident = id(obj)
+        entry: tuple[Any, bool, Any]
+        try:
+            entry = (weakref.ref(obj, partial(self._drop, ident)), True, value)
+        except TypeError:
+            if not strong:
+                return
+            entry = (obj, False, value)
+        self._entries[ident] = entry
+
+    def _drop(self, ident: int, ref: weakref.ref[Any]) -> None:
+        entry = self._entries.get(ident)
+        if entry is not None and entry[0] is ref:
+            self._entries.pop(ident, None)
+
+    def clear(self) -> None:
+        self._entries = {}
+
+
+class CallScope:
+    """One call (a ``Parallel`` call, a ``Compute.map``), during which identity names data.
+
+    Within a scope each large argument object and each function pickled by value is
+    pickled and hashed once: sent again during the call, it is named by identity,
+    without looking at its content (joblib's dask backend scopes its cache to a call
+    the same way). Outside any scope, and after :meth:`close`, content decides every
+    time, so an array changed in place between calls is always seen.
+    """
+
+    def __init__(self) -> None:
+        self.objects = _IdentityMemo()  # large argument -> blob key
+        self.functions = _IdentityMemo()  # function pickled by value -> FunctionBlob
+        self.closed = False
+
+    def close(self) -> None:
+        """End the call: forget every identity (later sends are matched by content)."""
+        self.closed = True
+        self.objects.clear()
+        self.functions.clear()
+
+    def __enter__(self) -> CallScope:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _open(scope: CallScope | None) -> CallScope | None:
+    """``scope`` while its call runs, else ``None`` (a closed scope names nothing)."""
+    return scope if scope is not None and not scope.closed else None
+
+
+@dataclass
+class FunctionBlob:
+    """A function pickled by value as a blob of its own, with its pickler's memo.
+
+    The memo (``id`` -> ``(index, object)``) holds every object of that pickle alive,
+    so that its ids can be compared with another pickle's (see :func:`dumps_task`).
+    """
+
+    key: str
+    owner: int  # id of the function
+    memo: dict[int, tuple[int, Any]]
+
+    @property
+    def function(self) -> Any:
+        """The function itself."""
+        return self.memo[self.owner][1]
+
+    def namespaces(self) -> set[int]:
+        """Ids of the module globals of the functions this pickle holds by value."""
+        return {
+            id(obj.__globals__)
+            for _, obj in self.memo.values()
+            if type(obj) is types.FunctionType and id(obj.__code__) in self.memo
+        }
+
+
+class BlobRegistry:
+    """Client-side: serialize each large object once and key it by the hash of its bytes.
+
+    Large objects are named by identity only within a :class:`CallScope`; medium
+    ones are remembered by identity (weakly) only to notice that they are sent again.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._by_id: dict[int, tuple[Any, str]] = {}
+        self._seen = _IdentityMemo()  # medium object -> content key when last sent ("": unhashed)
         self._blobs: dict[str, Blob] = {}
+        self._inline = _IdentityMemo()  # functions that shared objects with a task's other parts
 
-    def key_for(self, obj: object) -> str | None:
+    def scope(self) -> CallScope:
+        """Open the scope of one call; close it (or leave its ``with``) when the call ends."""
+        return CallScope()
+
+    def key_for(self, obj: object, scope: CallScope | None = None) -> str | None:
         """Return the blob key for ``obj`` if it should travel as a blob, else ``None``."""
-        if _by_value(obj):
-            # Pickled anew each time: a function's globals may have changed since the
-            # last call. Equal bytes still travel to each node once.
-            return self._store(cloudpickle.dumps(obj, protocol=PICKLE_PROTOCOL))
         size = _nbytes(obj)
         if size < REUSE_THRESHOLD:
             return None
-        entry = self._by_id.get(id(obj))
-        seen = (
-            entry is not None
-            and (entry[0]() if isinstance(entry[0], weakref.ref) else entry[0]) is obj
-        )
         if size < BLOB_THRESHOLD:
-            return self._medium(obj, entry[1] if seen and entry is not None else None)
-        if seen and entry is not None and entry[1]:
-            return entry[1]
-        key = self._store(cloudpickle.dumps(obj, protocol=PICKLE_PROTOCOL))
-        self._remember(obj, key, strong=True)
+            return self._medium(obj, self._seen.get(obj))
+        scope = _open(scope)
+        key: str | None = scope.objects.get(obj) if scope is not None else None
+        if key is None:
+            key = self._store(cloudpickle.dumps(obj, protocol=PICKLE_PROTOCOL))
+            if scope is not None:
+                scope.objects.put(obj, key, strong=True)
         return key
+
+    def function_blob(self, fn: object, scope: CallScope | None = None) -> FunctionBlob:
+        """Pickle a by-value function as a blob (once per call within ``scope``)."""
+        scope = _open(scope)
+        blob: FunctionBlob | None = scope.functions.get(fn) if scope is not None else None
+        if blob is None:
+            buffer = io.BytesIO()
+            pickler = cloudpickle.Pickler(buffer, protocol=PICKLE_PROTOCOL)
+            pickler.dump(fn)
+            blob = FunctionBlob(self._store(buffer.getvalue()), id(fn), pickler.memo.copy())
+            if scope is not None:
+                scope.functions.put(fn, blob)
+        return blob
+
+    def keep_inline(self, functions: Iterable[FunctionBlob]) -> None:
+        """Pickle these functions inside their tasks from now on: a task of theirs needed it.
+
+        Only a shortcut: the next task with one of them is pickled once, not twice.
+        """
+        for blob in functions:
+            self._inline.put(blob.function, True)
+
+    def travels_inline(self, fn: object) -> bool:
+        """Whether :meth:`keep_inline` was asked for ``fn``."""
+        return self._inline.get(fn) is not None
 
     def _medium(self, obj: object, previous: str | None) -> str | None:
         """Inline, until the same object is sent again with the same content: then a blob.
@@ -373,28 +497,14 @@ class BlobRegistry:
         are hashed on every send after the first (about 1 ms per MB), never stale.
         """
         if previous is None:
-            self._remember(obj, "", strong=False)
+            self._seen.put(obj, "")
             return None
         data = cloudpickle.dumps(obj, protocol=PICKLE_PROTOCOL)
         key = hashlib.blake2b(data, digest_size=16).hexdigest()
         if key != previous:
-            self._remember(obj, key, strong=False)
+            self._seen.put(obj, key)
             return None
         return self._store(data, key)
-
-    def _remember(self, obj: object, key: str, strong: bool) -> None:
-        """Map ``obj``'s identity to ``key`` while it lives (for ever if ``strong`` and it
-        cannot be weakly referenced, like ``bytes``)."""
-        ident = id(obj)
-        ref: Any
-        try:
-            ref = weakref.ref(obj, partial(self._forget, ident))
-        except TypeError:
-            if not strong:
-                return
-            ref = obj
-        with self._lock:
-            self._by_id[ident] = (ref, key)
 
     def _store(self, data: bytes, key: str | None = None) -> str:
         """Keep ``data`` under its content hash (``key`` when already computed); return it."""
@@ -406,12 +516,6 @@ class BlobRegistry:
                 self._blobs.setdefault(key, blob)
         return key
 
-    def _forget(self, ident: int, ref: weakref.ref[Any]) -> None:
-        with self._lock:
-            entry = self._by_id.get(ident)
-            if entry is not None and entry[0] is ref:
-                del self._by_id[ident]
-
     def get(self, key: str) -> Blob:
         """The blob for ``key`` (it stays available while this registry lives)."""
         return self._blobs[key]
@@ -419,8 +523,79 @@ class BlobRegistry:
     def clear(self) -> None:
         """Forget every blob."""
         with self._lock:
-            self._by_id.clear()
+            self._seen.clear()
+            self._inline.clear()
             self._blobs.clear()
+
+
+def _splits_identity(memo: dict[int, Any], functions: Collection[FunctionBlob]) -> bool:
+    """Whether pickling ``functions`` apart from the task whose pickler memo is ``memo``,
+    and from each other, would make two objects on the node of what is one here.
+
+    Pickler memos hold their objects alive, so equal ids mean one object. Two
+    by-value functions of one module also share their globals namespace, which only
+    a single pickle keeps shared.
+    """
+    seen = memo
+    last = len(functions) - 1
+    for index, blob in enumerate(functions):
+        common = seen.keys() & blob.memo.keys()
+        common.discard(blob.owner)
+        if any(_identity_matters(blob.memo[ident][1], blob.memo) for ident in common):
+            return True
+        if index < last:
+            seen = {**seen, **blob.memo}
+    namespaces: set[int] = set()
+    for blob in functions if last > 0 else ():
+        own = blob.namespaces()
+        if not namespaces.isdisjoint(own):
+            return True
+        namespaces |= own
+    return False
+
+
+def _identity_matters(obj: object, memo: dict[int, tuple[int, Any]]) -> bool:
+    """Whether a second copy of ``obj`` (pickled in ``memo``) would be observable.
+
+    Not for immutable values, classes (cloudpickle's class tracker keeps a class
+    pickled by value one class on the node), and functions pickled by reference,
+    which resolve to the same object by import. A function was pickled by value
+    when its code object was pickled too.
+    """
+    cls = type(obj)
+    if cls in _IMMUTABLE:
+        return False
+    if cls is types.FunctionType:
+        return id(obj.__code__) in memo  # type: ignore[attr-defined]
+    canonical: tuple[type, ...] = (type, enum.Enum)
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        canonical += (numpy.dtype, numpy.generic)
+    return not isinstance(obj, canonical)
+
+
+_IMMUTABLE = frozenset(
+    {
+        str,
+        bytes,
+        bool,
+        int,
+        float,
+        complex,
+        tuple,
+        frozenset,
+        range,
+        slice,
+        type,
+        type(None),
+        type(Ellipsis),
+        type(NotImplemented),
+        types.CodeType,
+        types.BuiltinFunctionType,
+        types.ModuleType,
+        pickle.PickleBuffer,
+    }
+)
 
 
 class _TaskPickler(cloudpickle.Pickler):
@@ -429,16 +604,38 @@ class _TaskPickler(cloudpickle.Pickler):
     The reference is a reduce ``(_blob, (key,))``: pickle consults ``reducer_override``
     only for objects it has no built-in fast path for (functions, arrays, frames...),
     and memoizes the result, so plain data pickles at C speed and an object named
-    10**5 times in a batch is looked at once.
+    10**5 times in a batch is looked at once. Functions pickled by value become blobs
+    of their own unless ``inline`` (see :func:`dumps_task`); ``functions`` remembers
+    them by ``id`` for the task's next pickling.
     """
 
-    def __init__(self, file: IO[bytes], registry: BlobRegistry) -> None:
+    def __init__(
+        self,
+        file: IO[bytes],
+        registry: BlobRegistry,
+        scope: CallScope | None,
+        inline: bool,
+        functions: dict[int, FunctionBlob],
+    ) -> None:
         super().__init__(file, protocol=PICKLE_PROTOCOL)
         self._registry = registry
+        self._scope = scope
+        self._inline = inline
+        self.functions = functions
+        self._namespaces: dict[int, int] = {}  # id of a function's globals -> id of the function
         self.keys: list[str] = []
 
     def reducer_override(self, obj: Any) -> Any:
-        key = self._registry.key_for(obj)
+        if not self._inline and type(obj) is types.FunctionType and _by_value(obj):
+            blob = self.functions.get(id(obj))
+            if blob is None:
+                namespace = self._namespaces.setdefault(id(obj.__globals__), id(obj))
+                if namespace != id(obj) or self._registry.travels_inline(obj):
+                    raise _Inline
+                blob = self.functions[id(obj)] = self._registry.function_blob(obj, self._scope)
+            self.keys.append(blob.key)
+            return _blob, (blob.key,)
+        key = self._registry.key_for(obj, self._scope)
         if key is None:
             return super().reducer_override(obj)
         self.keys.append(key)
@@ -452,7 +649,7 @@ class _LargeTaskPickler(_TaskPickler):
     def persistent_id(self, obj: object) -> str | None:
         if type(obj) not in (bytes, bytearray) or len(obj) < BLOB_THRESHOLD:  # type: ignore[arg-type]
             return None
-        key = self._registry.key_for(obj)
+        key = self._registry.key_for(obj, self._scope)
         if key is not None:
             self.keys.append(key)
         return key
@@ -463,17 +660,33 @@ class UnpicklableTaskError(TypeError):
 
 
 def dumps_task(
-    fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], registry: BlobRegistry
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    registry: BlobRegistry,
+    scope: CallScope | None = None,
 ) -> tuple[bytes, tuple[str, ...]]:
-    """Serialize a call; return the payload and the blob keys it references."""
+    """Serialize a call; return the payload and the blob keys it references.
+
+    Functions pickled by value travel as blobs, sent to each node once. When one of
+    them shares an object with the rest of the task (a closure over an argument, two
+    closures over one list), the task is pickled again in one piece, functions
+    included, so that the node sees one object where the client has one, as with loky.
+    """
+    task = (fn, args, kwargs)
+    functions: dict[int, FunctionBlob] = {}
     try:
-        buffer = io.BytesIO()
-        pickler = _TaskPickler(buffer, registry)
-        pickler.dump((fn, args, kwargs))
+        try:
+            buffer, pickler = _pickle(_TaskPickler, task, registry, scope, False, functions)
+            blobs = list(functions.values())
+            inline = bool(blobs) and _splits_identity(pickler.memo.copy(), blobs)
+        except _Inline:
+            inline = True
+        if inline:
+            registry.keep_inline(functions.values())
+            buffer, pickler = _pickle(_TaskPickler, task, registry, scope, True, functions)
         if buffer.tell() >= BLOB_THRESHOLD:
-            buffer = io.BytesIO()
-            pickler = _LargeTaskPickler(buffer, registry)
-            pickler.dump((fn, args, kwargs))
+            buffer, pickler = _pickle(_LargeTaskPickler, task, registry, scope, inline, functions)
     except Exception as exc:
         name = getattr(fn, "__qualname__", repr(fn))
         raise UnpicklableTaskError(
@@ -482,6 +695,24 @@ def dumps_task(
             "sockets and generators in arguments, or create them inside the task"
         ) from exc
     return buffer.getvalue(), tuple(dict.fromkeys(pickler.keys))
+
+
+def _pickle(
+    kind: type[_TaskPickler],
+    task: object,
+    registry: BlobRegistry,
+    scope: CallScope | None,
+    inline: bool,
+    functions: dict[int, FunctionBlob],
+) -> tuple[io.BytesIO, _TaskPickler]:
+    buffer = io.BytesIO()
+    pickler = kind(buffer, registry, scope, inline, functions)
+    pickler.dump(task)
+    return buffer, pickler
+
+
+class _Inline(Exception):
+    """Raised by the task pickler as soon as the task's functions must travel inside it."""
 
 
 class MissingBlobError(LookupError):

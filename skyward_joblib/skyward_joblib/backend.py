@@ -32,7 +32,7 @@ from skyward_joblib.feeder import feeder
 from skyward_joblib.worker import RemoteBatch, in_agent
 
 if TYPE_CHECKING:
-    from skyward.compute import Compute
+    from skyward.compute import Call, Compute
 
 __all__ = ["SkywardBackend", "NoComputeError"]
 
@@ -90,6 +90,7 @@ class SkywardBackend(AutoBatchingMixin, ParallelBackendBase):
         self._inflight: dict[Future[Any], Future[Any] | None] = {}
         self._waiting: deque[tuple[Future[Any], RemoteBatch]] = deque()
         self._aborting = False
+        self._call: Call | None = None
 
     def __reduce__(self) -> tuple[Any, ...]:
         # A Compute does not cross processes: a copy resolves its own.
@@ -158,10 +159,24 @@ class SkywardBackend(AutoBatchingMixin, ParallelBackendBase):
         return n
 
     def start_call(self) -> None:
-        """A new ``Parallel`` call starts: forget the previous call's abort."""
+        """A new ``Parallel`` call starts: forget the previous call's abort, and open the
+        cluster call that names a large argument by identity until :meth:`stop_call`."""
         with self._lock:
             self._aborting = False
             self._waiting.clear()
+            previous, self._call = self._call, None
+            if self._target is not None:
+                self._call = self._target.call()
+        if previous is not None:
+            previous.close()
+
+    def stop_call(self) -> None:
+        """The ``Parallel`` call ended: from now on large arguments are matched by content,
+        so an array changed in place before the next call is sent anew."""
+        with self._lock:
+            call, self._call = self._call, None
+        if call is not None:
+            call.close()
 
     def terminate(self) -> None:
         """The ``Parallel`` call is over (the cluster itself belongs to its ``Compute``)."""
@@ -192,7 +207,7 @@ class SkywardBackend(AutoBatchingMixin, ParallelBackendBase):
         with self._lock:
             if proxy not in self._inflight:
                 return  # the call was aborted while the batch waited
-            target = self._target
+            target = self._call or self._target
         try:
             if target is None:
                 raise ComputeStateError("joblib backend 'skyward' was used after its call ended")

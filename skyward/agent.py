@@ -417,7 +417,7 @@ class Slot:
             self.kill()
             code = self.proc.wait()
             raise RuntimeError(
-                f"its process exited before saying hello ({_death(code)}; see its stderr above)"
+                f"its process ended before saying hello (exit status {code}; see its stderr above)"
             )
         threading.Thread(
             target=self.read, args=(self.proc,), name=f"skyward-slot-{self.index}", daemon=True

@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import FIRST_EXCEPTION, Executor, Future, wait
+from concurrent.futures import Executor, Future, wait
 from contextlib import ExitStack
 from types import TracebackType
 from typing import Any, TypeVar
@@ -298,11 +298,12 @@ class Compute(Executor):
                 channel.kill()
 
     def _connect(self) -> list[Node]:
-        """Open every node concurrently; on a failure or Ctrl-C, abort and stop them all.
+        """Open every node concurrently; on a failure stop them all, on Ctrl-C (or SIGTERM)
+        abort the starts in progress.
 
-        The start threads are daemons that the caller never waits for unbounded: an
-        interrupted start returns at once, and a start still finishing after that
-        stops what it started by itself (see :meth:`_open_node`).
+        An interrupt does not wait for the starts (each bounded by ``connect_timeout``):
+        they are aborted, and one that still finishes later stops what it started itself
+        (see :meth:`_open_node`). The start threads are daemons, so none delays exit.
         """
         count = len(self._launchers)
         self._display.show(lambda: f"{self._ready_count}/{count} node(s) ready")
@@ -324,10 +325,10 @@ class Compute(Executor):
         for i in range(min(32, count)):
             threading.Thread(target=work, name=f"skyward-connect-{i}", daemon=True).start()
         try:
-            wait(futures, return_when=FIRST_EXCEPTION)
-            failed = [f for f in futures if f.done() and f.exception() is not None]
-            if failed:
-                raise failed[0].exception()  # type: ignore[misc]
+            wait(futures)
+            errors = [f.exception() for f in futures if f.exception() is not None]
+            if errors:
+                raise errors[0]  # type: ignore[misc]
             return [f.result() for f in futures]
         except BaseException:
             self._abort_starts()

@@ -411,7 +411,7 @@ class Slot:
         try:
             self.write(wire.encode_obj(Kind.HELLO, config))
             frame = wire.read_frame(self.proc.stdout)
-        except (OSError, wire.ProtocolError):
+        except Exception:  # noqa: BLE001 - any failure to greet is a failed start
             frame = None
         if frame is None or frame[0] != Kind.HELLO:
             self.kill()
@@ -456,7 +456,8 @@ class Slot:
         while True:
             try:
                 frame = wire.read_frame(proc.stdout)
-            except Exception:  # noqa: BLE001 - killed mid-frame: handled as its exit below
+            except Exception:  # noqa: BLE001 - killed mid-frame, or garbage: end it
+                self.kill()
                 frame = None
             if frame is None:
                 break

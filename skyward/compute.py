@@ -237,7 +237,7 @@ class Compute(Executor):
                 raise NodeStartError(f"{launcher.name}: start aborted (step: start agent)")
             self._starting[index] = None
         try:
-            node = self._start_agent(index, launcher)
+            node = self._start_and_greet(index, launcher)
         finally:
             with self._lock:
                 self._starting.pop(index, None)
@@ -250,7 +250,7 @@ class Compute(Executor):
             self._ready_count += 1
         return node
 
-    def _start_agent(self, index: int, launcher: Launcher) -> Node:
+    def _start_and_greet(self, index: int, launcher: Launcher) -> Node:
         try:
             channel = launcher.open()
         except NodeStartError:

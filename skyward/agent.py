@@ -236,7 +236,10 @@ class Agent:
 
     def start(self, task: Task, blobs: dict[str, Any]) -> None:
         if self.slots is not None:
-            self.slots.submit(task, blobs)
+            if task[0] in self.cancelled:  # the cancel overtook the task
+                self.finish(task[0], Status.CANCELLED, b"")
+            else:
+                self.slots.submit(task, blobs)
         else:
             assert self.pool is not None
             self.pool.submit(self.run, task, blobs)
@@ -290,6 +293,15 @@ class Agent:
 
     def where(self) -> str:
         return f"{self.config.get('node', 'node')} (pid {os.getpid()})"
+
+    def give_up(self, reason: str) -> None:
+        """Tell the client why this agent cannot go on (it declares the node lost), exit."""
+        _log(reason)
+        self.outbox.put(wire.encode_obj(Kind.BYE, reason))
+        deadline = time.monotonic() + 5.0
+        while self.outbox.pending and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.exit(4)
 
 
 def _explain(exc: BaseException) -> BaseException:
@@ -352,12 +364,15 @@ class ProcessSlots:
             queued = next((item for item in self.queue if item[0][0] == task_id), None)
             if queued is not None:
                 self.queue.remove(queued)
-            running = next((s for s in self.slots if s.task_id == task_id), None)
+            else:
+                # Under the lock, so the slot cannot finish this task and take another
+                # one before the kill lands: only the process running *this* task dies.
+                running = next((s for s in self.slots if s.task_id == task_id), None)
+                if running is not None:
+                    running.cancelling = task_id
+                    running.kill()
         if queued is not None:
             self.agent.finish(task_id, Status.CANCELLED, b"")
-        elif running is not None:
-            running.cancelling = task_id
-            running.kill()
 
     def kill_all(self) -> None:
         for slot in self.slots:
@@ -366,7 +381,11 @@ class ProcessSlots:
 
 
 class Slot:
-    """A child agent that runs one task at a time."""
+    """A child agent that runs one task at a time.
+
+    ``task_id`` is None while the slot is free, the running task's id while busy,
+    and -1 while its process is being replaced (out of dispatch).
+    """
 
     def __init__(self, owner: ProcessSlots, index: int) -> None:
         self.owner = owner
@@ -389,10 +408,17 @@ class Slot:
         self.stdin = self.proc.stdin
         config = dict(self.owner.agent.config, concurrency=1, executor="thread")
         config["node"] = f"{config.get('node', 'node')}/slot-{self.index}"
-        self.write(wire.encode_obj(Kind.HELLO, config))
-        frame = wire.read_frame(self.proc.stdout)
+        try:
+            self.write(wire.encode_obj(Kind.HELLO, config))
+            frame = wire.read_frame(self.proc.stdout)
+        except Exception:  # noqa: BLE001 - any failure to greet is a failed start
+            frame = None
         if frame is None or frame[0] != Kind.HELLO:
-            raise RuntimeError("a process-executor slot failed to start")
+            self.kill()
+            code = self.proc.wait()
+            raise RuntimeError(
+                f"its process ended before saying hello (exit status {code}; see its stderr above)"
+            )
         threading.Thread(
             target=self.read, args=(self.proc,), name=f"skyward-slot-{self.index}", daemon=True
         ).start()
@@ -428,7 +454,11 @@ class Slot:
         agent = self.owner.agent
         assert proc.stdout is not None
         while True:
-            frame = wire.read_frame(proc.stdout)
+            try:
+                frame = wire.read_frame(proc.stdout)
+            except Exception:  # noqa: BLE001 - killed mid-frame, or garbage: end it
+                self.kill()
+                frame = None
             if frame is None:
                 break
             kind, body, _ = frame
@@ -436,10 +466,14 @@ class Slot:
                 self.owner.need_blob(self, pickle.loads(body))
             elif kind == Kind.RESULT:
                 with self.owner.lock:
-                    self.task_id = None
+                    cancelled = self.cancelling
+                    # A slot being killed for a cancel stays out of dispatch until replaced.
+                    self.task_id = None if cancelled is None else -1
                 busy = time.perf_counter() - self.sent_at
-                for result in pickle.loads(body):
-                    agent.forward(result, busy)
+                for task_id, code, payload in pickle.loads(body):
+                    if task_id == cancelled:
+                        code, payload = Status.CANCELLED, b""
+                    agent.finish(task_id, Status(code), payload, busy)
                 self.owner.pump()
         code = proc.wait()
         if not self.alive:
@@ -449,12 +483,17 @@ class Slot:
             task_id, self.task_id = self.task_id, -1
             cancelled = task_id is not None and task_id == self.cancelling
             self.cancelling = None
-        if task_id is not None:
+        if task_id is not None and task_id >= 0:
             if cancelled:
                 agent.finish(task_id, Status.CANCELLED, b"")
             else:
                 agent.finish(task_id, Status.WORKER_DIED, pickle.dumps(_death(code)))
-        self.spawn()
+        try:
+            self.spawn()
+        except Exception as exc:  # noqa: BLE001 - reported to the client, which restarts the node
+            self.alive = False
+            agent.give_up(f"process-executor slot {self.index} could not be restarted: {exc}")
+            return
         with self.owner.lock:
             self.task_id = None
         self.owner.pump()

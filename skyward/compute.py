@@ -16,12 +16,13 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Executor, Future, wait
 from contextlib import ExitStack
 from types import TracebackType
 from typing import Any, TypeVar
 
 from skyward import wire
+from skyward.channel import Channel
 from skyward.node import Node, NodeStartError
 from skyward.plugins import around_client, compose_image, manager
 from skyward.progress import Progress, rate
@@ -36,6 +37,10 @@ T = TypeVar("T")
 
 _active: list[Compute] = []
 _active_lock = threading.Lock()
+
+# Seconds an interrupted start-up waits for the aborted node starts to end (each kills
+# what it started itself if it ends later).
+_ABORT_GRACE = 1.0
 
 
 def current() -> Compute | None:
@@ -122,6 +127,10 @@ class Compute(Executor):
         self.restarts = restarts
         self._launchers: list[Launcher] = []
         self._restarted: list[int] = []
+        # Node starts in progress (index -> its channel once the launcher returned it),
+        # and whether they are being aborted (Ctrl-C, a failed start, shutdown).
+        self._starting: dict[int, Channel | None] = {}
+        self._aborted = False
         self.heartbeat_timeout = heartbeat_timeout
         self.connect_timeout = connect_timeout
         self.progress = progress
@@ -198,6 +207,7 @@ class Compute(Executor):
         scheduler = Scheduler(max_retries=self.max_retries)
         scheduler.replace = self._replace
         self._scheduler = scheduler
+        stack.callback(scheduler.stop)
         stack.callback(self._stop_nodes)
         self.nodes = self._connect()
         for node in self.nodes:
@@ -215,9 +225,32 @@ class Compute(Executor):
         stack.enter_context(around_client(self, self._pm, self.plugins))
 
     def _open_node(self, index: int) -> Node:
-        """Start node ``index``'s agent through its launcher and shake hands (bounded)."""
+        """Start node ``index``'s agent through its launcher and shake hands (bounded).
+
+        :meth:`_abort_starts` can end it from another thread at any step; whatever it
+        started is then stopped here.
+        """
         launcher = self._launchers[index]
         t0 = time.monotonic()
+        with self._lock:
+            if self._aborted:
+                raise NodeStartError(f"{launcher.name}: start aborted (step: start agent)")
+            self._starting[index] = None
+        try:
+            node = self._start_and_greet(index, launcher)
+        finally:
+            with self._lock:
+                self._starting.pop(index, None)
+                aborted = self._aborted
+        if aborted:
+            node.stop(timeout=1.0, kill=True)
+            raise NodeStartError(f"{launcher.name}: start aborted (step: handshake)")
+        log.info("node %s ready in %.2fs (pid %s)", node.name, time.monotonic() - t0, node.pid)
+        with self._lock:
+            self._ready_count += 1
+        return node
+
+    def _start_and_greet(self, index: int, launcher: Launcher) -> Node:
         try:
             channel = launcher.open()
         except NodeStartError:
@@ -226,6 +259,13 @@ class Compute(Executor):
             raise NodeStartError(
                 f"{launcher.name}: {type(exc).__name__}: {exc} (step: start agent)"
             ) from exc
+        with self._lock:
+            aborted = self._aborted
+            if not aborted:
+                self._starting[index] = channel
+        if aborted:
+            channel.kill()
+            raise NodeStartError(f"{launcher.name}: start aborted (step: start agent)")
         node = Node(index, channel, self.worker.concurrency, self._blobs)
         config = {
             "node": launcher.name,
@@ -240,33 +280,66 @@ class Compute(Executor):
         except BaseException:
             node.stop(timeout=1.0, kill=True)
             raise
-        log.info("node %s ready in %.2fs (pid %s)", node.name, time.monotonic() - t0, node.pid)
-        with self._lock:
-            self._ready_count += 1
         return node
 
+    def _abort_starts(self) -> None:
+        """End every node start in progress now, and any that begins later.
+
+        A launcher still opening is aborted (e.g. its SSH connection closed); an agent
+        started but not yet greeted is killed. Each start then fails at once.
+        """
+        with self._lock:
+            self._aborted = True
+            starting = list(self._starting.items())
+        for index, _ in starting:
+            self._launchers[index].abort()
+        for _, channel in starting:
+            if channel is not None:
+                channel.kill()
+
     def _connect(self) -> list[Node]:
-        """Open every node concurrently; on any failure (or Ctrl-C) stop the ones that started."""
+        """Open every node concurrently; on a failure stop them all, on Ctrl-C (or SIGTERM)
+        abort the starts in progress.
+
+        An interrupt does not wait for the starts (each bounded by ``connect_timeout``):
+        they are aborted, and one that still finishes later stops what it started itself
+        (see :meth:`_open_node`). The start threads are daemons, so none delays exit.
+        """
         count = len(self._launchers)
         self._display.show(lambda: f"{self._ready_count}/{count} node(s) ready")
-        futures: list[Future[Node]] = []
-        try:
-            with ThreadPoolExecutor(min(32, count), "skyward-connect") as pool:
-                futures = [pool.submit(self._open_node, i) for i in range(count)]
+        futures: list[Future[Node]] = [Future() for _ in range(count)]
+        indices = iter(range(count))
+        take = threading.Lock()
+
+        def work() -> None:
+            while True:
+                with take:
+                    index = next(indices, None)
+                if index is None or not futures[index].set_running_or_notify_cancel():
+                    return
                 try:
-                    wait(futures)
-                except BaseException:
-                    for future in futures:
-                        future.cancel()
-                    raise
+                    futures[index].set_result(self._open_node(index))
+                except BaseException as exc:  # noqa: BLE001 - reported by the caller
+                    futures[index].set_exception(exc)
+
+        for i in range(min(32, count)):
+            threading.Thread(target=work, name=f"skyward-connect-{i}", daemon=True).start()
+        try:
+            wait(futures)
             errors = [f.exception() for f in futures if f.exception() is not None]
             if errors:
                 raise errors[0]  # type: ignore[misc]
             return [f.result() for f in futures]
         except BaseException:
+            self._abort_starts()
             for future in futures:
-                if future.done() and not future.cancelled() and future.exception() is None:
-                    future.result().stop(timeout=1.0, kill=True)
+                future.cancel()
+            try:
+                wait(futures, timeout=_ABORT_GRACE)
+            finally:
+                for future in futures:
+                    if future.done() and not future.cancelled() and future.exception() is None:
+                        future.result().stop(timeout=1.0, kill=True)
             raise
 
     def _replace(self, node: Node, reason: str) -> bool:
@@ -289,7 +362,8 @@ class Compute(Executor):
             if self._state == "running":
                 new = self._open_node(old.index)
         except Exception as exc:  # noqa: BLE001 - the node stays down; the cluster goes on
-            log.warning("could not restart %s: %s", old.name, exc)
+            if self._state == "running":
+                log.warning("could not restart %s: %s", old.name, exc)
         with self._lock:
             if new is not None and self._state == "running":
                 self.nodes[old.index] = new
@@ -334,6 +408,7 @@ class Compute(Executor):
     def _stop_nodes(self) -> None:
         t0 = time.monotonic()
         self._display.close()
+        self._abort_starts()  # restarts in progress
         if self._scheduler is not None:
             self._scheduler.close(cancel=True)
         log.info("%s", self._summary())

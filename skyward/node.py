@@ -138,6 +138,7 @@ class Node:
     # --- receiving ------------------------------------------------------------------------
 
     def _read(self) -> None:
+        """Hand every frame to the scheduler; only bookkeeping runs here (no user code)."""
         scheduler = self._scheduler
         assert scheduler is not None
         reason = "its channel closed (agent process exited or connection lost)"
@@ -156,6 +157,9 @@ class Node:
                     self.heartbeats += 1
                 elif kind == Kind.NEED_BLOB:
                     self.resend_blob(pickle.loads(body))
+                elif kind == Kind.BYE:  # the agent gives up, and says why
+                    reason = f"the agent stopped: {pickle.loads(body)}"
+                    break
         except Exception as exc:  # noqa: BLE001
             reason = f"reading from it failed: {type(exc).__name__}: {exc}"
         scheduler.node_lost(self, reason)

@@ -9,6 +9,10 @@ Each node also has a few *prefetch* tokens (tasks queued on the agent behind
 its busy slots, hiding the round trip of tiny tasks). They are used only while
 more than one wave of work is queued: in the last wave, a task queued behind a
 busy slot would wait there while another node's slot sits idle.
+
+Futures are resolved on one result thread for the whole client, never on a
+node's I/O thread: unpickling a result and the done-callbacks it triggers are
+user code, and a slow one must not stall the frames (heartbeats) behind it.
 """
 
 from __future__ import annotations
@@ -16,11 +20,11 @@ from __future__ import annotations
 import itertools
 import logging
 import pickle
+import queue
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import CancelledError, Future, InvalidStateError
-from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, RUNNING
 from typing import Any
 
 from skyward import wire
@@ -39,31 +43,52 @@ class WorkerDiedError(RuntimeError):
 
 
 class SkywardFuture(Future[Any]):
-    """A :class:`concurrent.futures.Future` whose :meth:`cancel` also stops running tasks."""
+    """A :class:`concurrent.futures.Future` whose :meth:`cancel` also stops running tasks.
+
+    The future stays in the standard *pending* state while its task runs on a
+    node, so the standard :meth:`cancel` applies to it: ``wait``, ``as_completed``
+    and done-callbacks see the cancellation at once, and the node is told to
+    stop the task. :meth:`running` says whether the task has been sent to a node.
+    """
 
     _record: TaskRecord | None = None
     _scheduler: Scheduler | None = None
+    _notified = False
 
     def cancel(self) -> bool:
-        """Cancel the task: a queued one never starts, a running one is stopped on its node."""
-        with self._condition:
-            if self._state == FINISHED:
-                return False
-            if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED):
+        """Cancel the task: a queued one never starts, a running one is stopped on its node.
+
+        Returns False only when the task has already finished.
+        """
+        if not super().cancel():
+            return False
+        with _NOTIFY_LOCK:
+            if self._notified:
                 return True
-            running = self._state == RUNNING
-            self._state = CANCELLED
-            self._condition.notify_all()
-        if running and self._scheduler is not None and self._record is not None:
-            self._scheduler.cancel_running(self._record)
-        self._invoke_callbacks()  # type: ignore[attr-defined]
+            self._notified = True
+            # Standard executors call this when they dequeue the cancelled item; ours
+            # has no such moment for a running task, so waiters are woken here.
+            self.set_running_or_notify_cancel()
+        if self._scheduler is not None and self._record is not None:
+            self._scheduler.cancel_task(self._record)
         return True
+
+    def running(self) -> bool:
+        """Whether the task has been sent to a node and has not finished yet.
+
+        Unlike a standard future's, a running task can still be cancelled.
+        """
+        record = self._record
+        return record is not None and record.node is not None and not self.done()
+
+
+_NOTIFY_LOCK = threading.Lock()
 
 
 class TaskRecord:
     """One submitted task as the scheduler tracks it."""
 
-    __slots__ = ("id", "payload", "keys", "future", "attempts", "node", "started", "name", "deaths")
+    __slots__ = ("id", "payload", "keys", "future", "attempts", "node", "name", "deaths")
 
     def __init__(
         self, task_id: int, payload: bytes, keys: tuple[str, ...], future: SkywardFuture, name: str
@@ -73,8 +98,7 @@ class TaskRecord:
         self.keys = keys
         self.future = future
         self.attempts = 0
-        self.node: Node | None = None
-        self.started = False
+        self.node: Node | None = None  # set while the task is on a node
         self.name = name
         self.deaths: list[str] = []
 
@@ -100,6 +124,11 @@ class Scheduler:
         self.cancelled = 0
         self.restarting = 0
         self.replace: Callable[[Node, str], bool] | None = None
+        # Jobs for the result thread; each returns (completed, failed) for the counters.
+        self._jobs: queue.SimpleQueue[Callable[[], tuple[int, int]] | None] = queue.SimpleQueue()
+        self._undelivered = 0  # jobs handed to the result thread and not done yet
+        self._results = threading.Thread(target=self._deliver, name="skyward-results", daemon=True)
+        self._results.start()
 
     # --- nodes ----------------------------------------------------------------------------
 
@@ -176,13 +205,7 @@ class Scheduler:
                     break
                 node, tokens = taken
                 record = self._queue.popleft()
-                if not record.started:
-                    if not record.future.set_running_or_notify_cancel():
-                        tokens.appendleft(node)
-                        self.cancelled += 1
-                        continue
-                    record.started = True
-                elif record.future.cancelled():
+                if record.future.done():  # cancelled while it waited
                     tokens.appendleft(node)
                     continue
                 record.node = node
@@ -195,7 +218,11 @@ class Scheduler:
     # --- results --------------------------------------------------------------------------
 
     def on_results(self, node: Node, results: list[tuple[int, int, bytes]]) -> None:
-        """Called by a node's reader thread with the ``(task_id, status, payload)`` of a frame."""
+        """Called by a node's reader thread with the ``(task_id, status, payload)`` of a frame.
+
+        Only bookkeeping and dispatch happen here; the futures are resolved on the
+        result thread.
+        """
         done: list[tuple[TaskRecord, Status, bytes]] = []
         with self.lock:
             for task_id, code, payload in results:
@@ -208,23 +235,56 @@ class Scheduler:
                 if status == Status.WORKER_DIED and self._retry(record, pickle.loads(payload)):
                     continue
                 done.append((record, status, payload))
-        for record, status, payload in done:
-            self._resolve(record, status, payload, node)
+            if done:
+                self._undelivered += 1
         self._pump()
+        if done:
+            self._jobs.put(lambda: self._resolve_all(done, node))
 
     def _retry(self, record: TaskRecord, why: str) -> bool:
         """Requeue ``record`` after a worker death, if it has attempts left (lock held)."""
         record.deaths.append(why)
         if record.future.cancelled() or record.attempts > self.max_retries:
             return False
+        record.node = None
         self._queue.appendleft(record)
         self.retried += 1
         return True
 
-    def _resolve(self, record: TaskRecord, status: Status, payload: bytes, node: Node) -> None:
+    def _deliver(self) -> None:
+        """The result thread: run the jobs handed over, in order, until ``None``."""
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            counts = (0, 0)
+            try:
+                counts = job()
+            except BaseException:  # noqa: BLE001 - a done-callback's error must not end the thread
+                log.exception("error while resolving a task's future")
+            with self.lock:
+                self._undelivered -= 1
+                self.completed += counts[0]
+                self.failed += counts[1]
+
+    def _resolve_all(
+        self, done: list[tuple[TaskRecord, Status, bytes]], node: Node
+    ) -> tuple[int, int]:
+        completed = failed = 0
+        for record, status, payload in done:
+            outcome = self._resolve(record, status, payload, node)
+            completed += outcome is True
+            failed += outcome is False
+        return completed, failed
+
+    def _resolve(
+        self, record: TaskRecord, status: Status, payload: bytes, node: Node
+    ) -> bool | None:
+        """Settle ``record``'s future: True if it completed, False if it failed, None if
+        it was already settled (cancelled)."""
         future = record.future
         if future.done():
-            return
+            return None
         try:
             if status == Status.OK:
                 try:
@@ -235,13 +295,7 @@ class Scheduler:
                         f"the client: {type(exc).__name__}: {exc}. Make the result's classes "
                         "importable on the client"
                     ) from exc
-                try:
-                    future.set_result(value)
-                except InvalidStateError:
-                    return  # cancelled while its result was on the way
-                with self.lock:
-                    self.completed += 1
-                return
+                return True if _settle(future.set_result, value) else None
             if status == Status.ERROR:
                 error = wire.loads_error(payload)
             elif status == Status.WORKER_DIED:
@@ -251,13 +305,20 @@ class Scheduler:
                     f"attempt(s): {causes}. It was not retried further "
                     f"(max_retries={self.max_retries}); the rest of the cluster keeps running"
                 )
-            else:
-                return
+            else:  # CANCELLED: only ever the answer to a cancel, so the future is cancelled
+                future.cancel()
+                return None
         except Exception as exc:  # noqa: BLE001
             error = exc
+        return False if _settle(future.set_exception, error) else None
+
+    def _fail_later(self, failed: list[tuple[TaskRecord, BaseException]]) -> None:
+        """Have the result thread fail tasks that cannot run any more (lock not held)."""
+        if not failed:
+            return
         with self.lock:
-            self.failed += 1
-        _fail(future, error)
+            self._undelivered += 1
+        self._jobs.put(lambda: (0, sum(_settle(r.future.set_exception, e) for r, e in failed)))
 
     # --- node loss ------------------------------------------------------------------------
 
@@ -285,7 +346,7 @@ class Scheduler:
             if replacing:
                 self.restarting += 1
             failed.extend(self._fail_if_no_workers())
-        self._fail_all(failed)
+        self._fail_later(failed)
         self._pump()
 
     def node_replaced(self, old: Node, new: Node | None) -> None:
@@ -296,7 +357,7 @@ class Scheduler:
                 self.nodes[self.nodes.index(old)] = new
                 self._add_tokens([new])
             failed = self._fail_if_no_workers()
-        self._fail_all(failed)
+        self._fail_later(failed)
         self._pump()
 
     def _fail_if_no_workers(self) -> list[tuple[TaskRecord, BaseException]]:
@@ -309,25 +370,23 @@ class Scheduler:
             failed.append((self._queue.popleft(), NoWorkersError(message)))
         return failed
 
-    def _fail_all(self, failed: list[tuple[TaskRecord, BaseException]]) -> None:
-        for record, error in failed:
-            if not record.future.done():
-                with self.lock:
-                    self.failed += 1
-                _fail(record.future, error)
-
     # --- cancellation / shutdown ----------------------------------------------------------
 
-    def cancel_running(self, record: TaskRecord) -> None:
-        """A running task's future was cancelled: tell its node to stop it."""
+    def cancel_task(self, record: TaskRecord) -> None:
+        """``record``'s future was cancelled: a task already on a node is stopped there.
+
+        A queued one is dropped when dispatch reaches it.
+        """
         with self.lock:
             self.cancelled += 1
             node = record.node
-        if node is not None and node.alive and record.id in node.inflight:
+            on_node = node is not None and node.alive and node.inflight.get(record.id) is record
+        if on_node:
+            assert node is not None
             node.cancel([record.id])
 
     def close(self, cancel: bool = True) -> None:
-        """Refuse new tasks; cancel queued ones when ``cancel``."""
+        """Refuse new tasks; cancel queued and running ones when ``cancel``."""
         with self.lock:
             self.closed = True
             queued = list(self._queue) if cancel else []
@@ -337,10 +396,25 @@ class Scheduler:
         for record in queued + inflight:
             record.future.cancel()
 
+    def stop(self, timeout: float = 10.0) -> None:
+        """End the result thread once it has resolved what it holds (waits ``timeout`` at
+        most for done-callbacks still running)."""
+        self._jobs.put(None)
+        if threading.current_thread() is self._results:
+            return
+        self._results.join(timeout)
+        if self._results.is_alive():
+            log.warning("a done-callback is still running after %.0fs; not waiting for it", timeout)
+
     def idle(self) -> bool:
-        """Whether no task is queued or running."""
+        """Whether no task is queued, running, or waiting for its future to be resolved."""
+        on_result_thread = threading.current_thread() is self._results
         with self.lock:
-            return not self._queue and not any(n.inflight for n in self.nodes if n.alive)
+            return (
+                (on_result_thread or not self._undelivered)
+                and not self._queue
+                and not any(n.inflight for n in self.nodes if n.alive)
+            )
 
     def stats(self) -> dict[str, Any]:
         """Task counters."""
@@ -355,12 +429,13 @@ class Scheduler:
             }
 
 
-def _fail(future: Future[Any], error: BaseException) -> None:
-    if not future.done():
-        try:
-            future.set_exception(error)
-        except Exception:  # noqa: BLE001 - the future was resolved concurrently
-            pass
+def _settle(method: Callable[[Any], None], outcome: Any) -> bool:
+    """Set a future's result or exception; False if it was settled (cancelled) before."""
+    try:
+        method(outcome)
+    except InvalidStateError:
+        return False
+    return True
 
 
 def _lost_error(record: TaskRecord, max_retries: int) -> BaseException:

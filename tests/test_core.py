@@ -159,7 +159,7 @@ def test_queued_future_can_be_cancelled(tmp_path: Path, no_agents_left: None) ->
         blocker.result()
         for f in fillers:
             f.result()
-        assert compute.submit(pid_of).result()
+        assert compute.submit(pid_of).result() == compute.nodes[0].pid  # the node still serves
     assert late.cancelled()
     assert not marker.exists()
 

@@ -10,6 +10,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from conftest import agent_processes, wait_until
 
@@ -110,27 +111,40 @@ def test_worker_killed_like_the_oom_killer_says_so(no_agents_left: None) -> None
             compute.submit(oom).result(timeout=60)
 
 
-def touch_after(path: str, delay: float) -> None:
-    time.sleep(delay)
+def touch_when(path: str, go: str | None) -> None:
+    """Write this process's pid to ``<path>.pid``; once ``go`` exists (bounded wait), or at
+    once without one, touch ``path``."""
+    Path(f"{path}.pid").write_text(str(os.getpid()))
+    if go is not None:
+        wait_until(Path(go).exists, 60)
     Path(path).touch()
 
 
 @pytest.mark.parametrize("executor", ["thread", "process"])
 def test_cancelled_tasks_do_not_run(executor: str, tmp_path: Path, no_agents_left: None) -> None:
     worker = sky.Worker(concurrency=1, executor=executor)  # type: ignore[arg-type]
+    running_file, queued_file, go = tmp_path / "running", tmp_path / "queued", tmp_path / "go"
     with sky.Compute(nodes=1, worker=worker) as compute:
-        running = compute.submit(touch_after, str(tmp_path / "running"), 1.0)
-        queued = compute.submit(touch_after, str(tmp_path / "queued"), 0.0)
+        running = compute.submit(touch_when, str(running_file), str(go))
+        queued = compute.submit(touch_when, str(queued_file), None)  # touches at once if run
         tail = compute.submit(slow_identity, 9)  # more than a wave queued: `queued` is prefetched
         assert wait_until(lambda: running.running() and queued.running(), 10)  # both on the agent
         assert queued.cancel()
         if executor == "process":
+            pid_file = tmp_path / "running.pid"
+            assert wait_until(lambda: pid_file.exists() and pid_file.read_text() != "", 30)
+            pid = int(pid_file.read_text())
             assert running.cancel()  # the slot process is killed and replaced
+            assert wait_until(lambda: not psutil.pid_exists(pid), 10)
+        go.touch()
         assert compute.submit(slow_identity, 3).result(timeout=30)[0] == 3
+        # `tail` follows `queued` on the node's one slot: once it ran, `queued` was dropped.
         assert tail.result(timeout=30)[0] == 9
-        time.sleep(1.2)  # past the point where the running task would have touched its file
-    assert not (tmp_path / "queued").exists()
-    assert (tmp_path / "running").exists() == (executor == "thread")
+        if executor == "thread":  # a running thread cannot be stopped: it runs to its end
+            assert wait_until(running_file.exists, 10)
+    assert not queued_file.exists()
+    # With processes, the task's process died before `go` existed: it never touched it.
+    assert running_file.exists() == (executor == "thread")
 
 
 CLIENT = textwrap.dedent(
@@ -138,8 +152,8 @@ CLIENT = textwrap.dedent(
     import sys, time
     import skyward as sky
     with sky.Compute(nodes=2, worker=sky.Worker(concurrency=2)) as compute:
-        print(" ".join(str(n.pid) for n in compute.nodes), flush=True)
         futures = [compute.submit(time.sleep, 0.5) for _ in range(200)]
+        print(" ".join(str(n.pid) for n in compute.nodes), flush=True)
         {wait}
     """
 )
@@ -166,13 +180,14 @@ def _gone(pids: list[int]) -> bool:
 def test_signal_to_client_stops_every_agent(sig: int, no_agents_left: None) -> None:
     proc, pids = _run_client("[f.result() for f in futures]")
     try:
-        time.sleep(0.5)
-        proc.send_signal(sig)
+        proc.send_signal(sig)  # while its tasks run
         proc.wait(timeout=5)  # the client returns within 5 s
         assert wait_until(lambda: _gone(pids), 5)
         err = proc.stderr.read() if proc.stderr else ""
-        expected = "KeyboardInterrupt" if sig == signal.SIGINT else ""
-        assert expected in err
+        if sig == signal.SIGINT:
+            assert "KeyboardInterrupt" in err and proc.returncode == -signal.SIGINT, err
+        else:  # SIGTERM unwinds the block as SystemExit(128 + SIGTERM)
+            assert proc.returncode == 128 + signal.SIGTERM, err
     finally:
         proc.kill()
         proc.wait()

@@ -36,6 +36,13 @@ class Launcher(ABC):
     def open(self) -> Channel:
         """Prepare the node if needed (bootstrap), start its agent, return the channel."""
 
+    def abort(self) -> None:  # noqa: B027 - optional hook
+        """Make an :meth:`open` running in another thread fail soon (Ctrl-C, shutdown).
+
+        ``Compute`` kills a channel that ``open`` returns after an abort, so launchers
+        whose ``open`` returns quickly need nothing here.
+        """
+
 
 class Provider(ABC):
     """Where nodes come from."""

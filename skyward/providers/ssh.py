@@ -339,6 +339,11 @@ class HostLauncher(Launcher):
                 "connect",
                 f"cannot connect to {self.hostname}:{self.port}: {type(exc).__name__}: {exc}",
             ) from None
+        with self._lock:
+            aborted = self._closed
+        if aborted:  # closed while connecting, before there was a transport to close
+            client.close()
+            raise self._fail("connect", "the cluster is shutting down")
         self._log("connect", f"connected in {time.monotonic() - t0:.2f}s")
         return client
 
@@ -366,6 +371,10 @@ class HostLauncher(Launcher):
         except (OSError, paramiko.SSHException, EOFError) as exc:
             raise self._fail("start agent", f"{type(exc).__name__}: {exc}") from None
         return SSHChannel(self.name, channel)
+
+    def abort(self) -> None:
+        """Close the connection, so an :meth:`open` in progress fails at once."""
+        self.close()
 
     def close(self) -> None:
         """Close the SSH connection (agents on it get EOF and exit). Idempotent."""

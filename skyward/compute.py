@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 from skyward import wire
 from skyward.messages import Handler, MessageHandlers
 from skyward.node import Node, NodeStartError
-from skyward.plugins import around_client, compose_image, manager
+from skyward.plugins import around_client, compose_image, manager, worker_initializers
 from skyward.progress import Progress, rate
 from skyward.providers import ClusterSpec, Launcher, Provider
 from skyward.providers.local import Local
@@ -189,8 +189,7 @@ class Compute(Executor):
             memory=self.memory,
         )
         self.provider.check(spec)
-        contributed = reversed(self._pm.hook.worker_initializers())  # pluggy calls LIFO
-        self._initializers = list(dict.fromkeys(n for names in contributed for n in names))
+        self._initializers = worker_initializers(self._pm, self.plugins)
         # From here on SIGTERM and interpreter exit unwind into the teardown, so a
         # provider interrupted while creating machines still removes them.
         _register(self, stack)

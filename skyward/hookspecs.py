@@ -28,7 +28,7 @@ def around_client(compute: Compute) -> AbstractContextManager[Any]:
     raise NotImplementedError
 
 
-@hookspec
+@hookspec(firstresult=True)
 def worker_initializers() -> Sequence[str]:
     """Return ``"module:function"`` names each agent calls once at start, before any task.
 

@@ -124,12 +124,12 @@ def test_emit_outside_a_task_is_a_clear_error() -> None:
 class Initializing:
     """A plugin contributing a worker initializer."""
 
-    def __init__(self, name: str) -> None:
-        self.name = name
+    def __init__(self, initializer: str) -> None:
+        self.initializer = initializer
 
     @sky.hookimpl
     def worker_initializers(self) -> list[str]:
-        return [self.name]
+        return [self.initializer]
 
 
 def test_worker_initializers_run_in_every_slot_before_the_tasks(no_agents_left: None) -> None:
@@ -147,3 +147,11 @@ def test_a_failing_worker_initializer_stops_the_start_and_is_named(
     with pytest.raises(NodeStartError), sky.Compute(plugins=[Initializing(name)]):
         pass
     assert f"worker initializer {name!r} failed" in capfd.readouterr().err
+
+
+def test_a_malformed_worker_initializer_is_a_plugin_error() -> None:
+    with (
+        pytest.raises(sky.PluginError, match=r"Initializing.worker_initializers returned 'setup'"),
+        sky.Compute(plugins=[Initializing("setup")]),
+    ):
+        pass

@@ -33,6 +33,16 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session
+def sklearn_suite(session: nox.Session) -> None:
+    """scikit-learn's model_selection, ensemble and callback tests, in place, with n_jobs=-1
+    on loky then on Skyward; fails on any test that passes on loky only (tests/sklearn_suite).
+    """
+    session.install(*LOCAL, "pytest>=8", "pytest-timeout", "pandas", "rich", "threadpoolctl")
+    results = ".nox/sklearn_suite/results"  # kept: --backends skyward reruns one side only
+    session.run("python", "tests/sklearn_suite/compare.py", "--out", results, *session.posargs)
+
+
+@nox.session
 def demo(session: nox.Session) -> None:
     """Run the quickstart on the embedded Local provider."""
     session.install(*LOCAL)

@@ -14,6 +14,8 @@ them, and replaces a child that dies or whose task is cancelled.
 
 from __future__ import annotations
 
+import importlib
+import itertools
 import os
 import pickle
 import signal
@@ -23,7 +25,8 @@ import sys
 import threading
 import time
 from collections import OrderedDict, deque
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO, Any
 
 from skyward import wire
@@ -32,6 +35,34 @@ from skyward.wire import Kind, Status
 DEFAULT_CACHE_BYTES = 4 * 1024**3
 
 Task = tuple[int, tuple[str, ...], bytes]
+OnReply = Callable[[int, bytes], object]
+
+_current: Agent | None = None
+
+
+def emit(topic: str, message: object, timeout: float | None = None) -> Any:
+    """Send ``message`` from the running task to the client and return the client's answer.
+
+    The client calls the handler registered for ``topic`` with
+    :meth:`skyward.Compute.on_message` on a thread of its own (never one that reads
+    from nodes) and answers when it returns: ``emit`` returns once the message is
+    consumed, with the handler's return value, or raises the handler's exception.
+    Only a task running on a Skyward node can call it.
+    """
+    agent = _current
+    if agent is None:  # `python -m skyward.agent` runs this file as __main__, not as this module
+        agent = getattr(sys.modules.get("__main__"), "_current", None)
+    if agent is None:
+        raise RuntimeError(
+            "skyward.agent.emit() sends a message from a task to the client: call it only "
+            "in a task running on a Skyward node (Compute.submit, joblib.Parallel in a Compute)"
+        )
+    answer: Future[tuple[int, bytes]] = Future()
+    agent.post(topic, wire.dumps_result(message), lambda *reply: answer.set_result(reply))
+    status, body = answer.result(timeout)
+    if status != Status.OK:
+        raise wire.loads_error(body)
+    return pickle.loads(body)
 
 
 def _log(message: str) -> None:
@@ -118,6 +149,8 @@ class Agent:
         self.cache = BlobCache(DEFAULT_CACHE_BYTES, keep_bytes=False)
         self.slots: ProcessSlots | None = None
         self.pool: ThreadPoolExecutor | None = None
+        self.replies: dict[int, OnReply] = {}
+        self.message_ids = itertools.count()
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -136,6 +169,8 @@ class Agent:
             raise wire.ProtocolError(f"expected HELLO from the client, got {kind.name}")
         self.config = pickle.loads(body)
         os.environ.update(self.config.get("env", {}))
+        for name in self.config.get("initializers", ()):
+            _initialize(name)
         concurrency = int(self.config.get("concurrency", 1))
         process = self.config.get("executor") == "process"
         capacity = int(self.config.get("blob_cache_bytes", DEFAULT_CACHE_BYTES))
@@ -195,6 +230,8 @@ class Agent:
                     self.cancel(task_id)
             elif kind == Kind.HEARTBEAT:
                 self.heartbeat()
+            elif kind == Kind.MESSAGE:
+                self.replied(body)
             elif kind == Kind.BYE:
                 self.exit(0)
 
@@ -303,6 +340,34 @@ class Agent:
             time.sleep(0.01)
         self.exit(4)
 
+    # --- messages from tasks to the client ------------------------------------------------
+
+    def post(self, topic: str, payload: bytes, on_reply: OnReply) -> None:
+        """Send a task's pickled message to the client; ``on_reply(status, body)`` answers."""
+        with self.lock:
+            message_id = next(self.message_ids)
+            self.replies[message_id] = on_reply
+        self.outbox.put(wire.encode_obj(Kind.MESSAGE, (message_id, topic, payload)))
+
+    def replied(self, body: bytes) -> None:
+        message_id, status, answer = pickle.loads(body)
+        with self.lock:
+            on_reply = self.replies.pop(message_id, None)
+        if on_reply is not None:
+            on_reply(status, answer)
+
+
+def _initialize(name: str) -> None:
+    """Call a plugin's worker initializer ``"module:function"`` (before any task runs)."""
+    module, _, function = name.partition(":")
+    try:
+        getattr(importlib.import_module(module), function)()
+    except Exception as exc:
+        raise RuntimeError(
+            f"worker initializer {name!r} failed: {type(exc).__name__}: {exc} (is the plugin "
+            "that provides it installed on the worker, at the client's version?)"
+        ) from exc
+
 
 def _explain(exc: BaseException) -> BaseException:
     """Add the fix to errors whose cause is the worker's environment."""
@@ -390,6 +455,7 @@ class Slot:
     def __init__(self, owner: ProcessSlots, index: int) -> None:
         self.owner = owner
         self.index = index
+        self.write_lock = threading.Lock()
         self.alive = True
         self.task_id: int | None = None
         self.cancelling: int | None = None
@@ -424,8 +490,9 @@ class Slot:
         ).start()
 
     def write(self, data: bytes) -> None:
-        self.stdin.write(data)
-        self.stdin.flush()
+        with self.write_lock:
+            self.stdin.write(data)
+            self.stdin.flush()
 
     def send(self, task: Task, blobs: dict[str, Any]) -> None:
         self.sent_at = time.perf_counter()
@@ -464,6 +531,8 @@ class Slot:
             kind, body, _ = frame
             if kind == Kind.NEED_BLOB:
                 self.owner.need_blob(self, pickle.loads(body))
+            elif kind == Kind.MESSAGE:
+                self.relay(proc, body)
             elif kind == Kind.RESULT:
                 with self.owner.lock:
                     cancelled = self.cancelling
@@ -498,6 +567,19 @@ class Slot:
             self.task_id = None
         self.owner.pump()
 
+    def relay(self, proc: subprocess.Popen[bytes], body: bytes) -> None:
+        """Forward a message of the child's task to the client, and the answer back."""
+        child_id, topic, payload = pickle.loads(body)
+
+        def reply(status: int, answer: bytes) -> None:
+            if self.proc is proc:  # a replacement child numbers its messages anew
+                try:
+                    self.write(wire.encode_obj(Kind.MESSAGE, (child_id, status, answer)))
+                except OSError:
+                    pass  # the reader thread reports the dead child
+
+        self.owner.agent.post(topic, payload, reply)
+
 
 def _death(code: int) -> str:
     if code < 0:
@@ -524,7 +606,8 @@ def main(argv: list[str] | None = None) -> None:
     os.close(devnull)
     sys.stdin = open(os.devnull)  # noqa: SIM115
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    agent = Agent(reader, out, child)
+    global _current
+    agent = _current = Agent(reader, out, child)
     try:
         agent.serve()
     except Exception as exc:  # noqa: BLE001

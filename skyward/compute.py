@@ -23,8 +23,9 @@ from typing import Any, TypeVar
 
 from skyward import wire
 from skyward.channel import Channel
+from skyward.messages import Handler, MessageHandlers
 from skyward.node import Node, NodeStartError
-from skyward.plugins import around_client, compose_image, manager
+from skyward.plugins import around_client, compose_image, manager, worker_initializers
 from skyward.progress import Progress, rate
 from skyward.providers import ClusterSpec, Launcher, Provider
 from skyward.providers.local import Local
@@ -144,6 +145,8 @@ class Compute(Executor):
         self._stack: ExitStack | None = None
         self._scheduler: Scheduler | None = None
         self._blobs = wire.BlobRegistry()
+        self._messages = MessageHandlers()
+        self._initializers: list[str] = []
         self._monitor_stop = threading.Event()
         self._started_at = 0.0
         self.nodes: list[Node] = []
@@ -195,10 +198,12 @@ class Compute(Executor):
             memory=self.memory,
         )
         self.provider.check(spec)
+        self._initializers = worker_initializers(self._pm, self.plugins)
         # From here on SIGTERM and interpreter exit unwind into the teardown, so a
         # provider interrupted while creating machines still removes them.
         _register(self, stack)
         stack.callback(self._blobs.clear)
+        stack.callback(self._messages.close)
         t0 = time.monotonic()
         launchers = self.provider.launch(spec, stack)
         log.info("provisioned %d node(s) in %.2fs", len(launchers), time.monotonic() - t0)
@@ -274,7 +279,9 @@ class Compute(Executor):
             "env": dict(self.image.env),
             "idle_timeout": max(60.0, 6 * self.heartbeat_timeout),
             "blob_cache_bytes": self.blob_cache_bytes,
+            "initializers": self._initializers,
         }
+        node.on_message = self._messages.deliver
         try:
             node.handshake(config, self.connect_timeout)
         except BaseException:
@@ -526,6 +533,15 @@ class Compute(Executor):
             chunks = _chunks(zip(*iterables, strict=False), chunksize)
             batches = [call.submit(runner, chunk) for chunk in chunks]
         return (value for chunk in _results(batches, end) for value in chunk)
+
+    def on_message(self, topic: str, handler: Handler | None) -> None:
+        """Run ``handler(message)`` on the client for each ``skyward.agent.emit(topic, message)``.
+
+        Tasks call :func:`skyward.agent.emit` to report while they run (progress,
+        scores); the handler runs on a client thread of its own, and ``emit`` returns
+        its value (or raises its exception) once it returns. ``None`` removes the handler.
+        """
+        self._messages.set(topic, handler)
 
     # --- introspection --------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
@@ -24,4 +25,14 @@ def transform_image(image: Image) -> Image:
 @hookspec(firstresult=True)
 def around_client(compute: Compute) -> AbstractContextManager[Any]:
     """Return a context manager entered once the cluster is up and left before it stops."""
+    raise NotImplementedError
+
+
+@hookspec(firstresult=True)
+def worker_initializers() -> Sequence[str]:
+    """Return ``"module:function"`` names each agent calls once at start, before any task.
+
+    They run on every worker (importing only what they need: agents start often);
+    e.g. the sklearn plugin routes scikit-learn's callback messages to the client.
+    """
     raise NotImplementedError

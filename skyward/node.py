@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from skyward import wire
@@ -41,6 +42,7 @@ class Node:
         self.outbox = wire.Outbox(channel.writer, self._broken, name=f"skyward-send-{self.name}")
         self._scheduler: Scheduler | None = None
         self._reader: threading.Thread | None = None
+        self.on_message: Callable[[Node, bytes], object] = lambda node, body: None
 
     def __repr__(self) -> str:
         state = "alive" if self.alive else "down"
@@ -160,6 +162,8 @@ class Node:
                 elif kind == Kind.BYE:  # the agent gives up, and says why
                     reason = f"the agent stopped: {pickle.loads(body)}"
                     break
+                elif kind == Kind.MESSAGE:
+                    self.on_message(self, body)
         except Exception as exc:  # noqa: BLE001
             reason = f"reading from it failed: {type(exc).__name__}: {exc}"
         scheduler.node_lost(self, reason)

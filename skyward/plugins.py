@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
@@ -26,7 +27,14 @@ if TYPE_CHECKING:
 
 ENTRY_POINT_GROUP = "skyward"
 
-__all__ = ["ENTRY_POINT_GROUP", "PluginInfo", "installed", "plugin_name", "compose_image"]
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "PluginInfo",
+    "installed",
+    "plugin_name",
+    "compose_image",
+    "worker_initializers",
+]
 
 
 class PluginError(TypeError):
@@ -215,3 +223,22 @@ def around_client(
             )
             stack.enter_context(context)
         yield
+
+
+_INITIALIZER = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+
+
+def worker_initializers(pm: pluggy.PluginManager, plugins: Sequence[object]) -> list[str]:
+    """Every plugin's ``worker_initializers``, in list order, each name once."""
+    names: dict[str, None] = {}
+    for plugin, value in _call_each(pm, plugins, "worker_initializers"):
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            value = [value]
+        for name in value:
+            if not isinstance(name, str) or not _INITIALIZER.fullmatch(name):
+                raise PluginError(
+                    f"{plugin_name(plugin)}.worker_initializers returned {name!r}: return a "
+                    "list of 'module:function' names, e.g. ['mypackage.worker:setup']"
+                )
+            names[name] = None
+    return list(names)

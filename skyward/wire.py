@@ -61,6 +61,7 @@ class Kind(IntEnum):
     HEARTBEAT = 6
     BYE = 7
     NEED_BLOB = 8
+    MESSAGE = 9  # a task's message to the client (skyward.agent.emit), and the reply
 
 
 class Status(IntEnum):

@@ -7,11 +7,16 @@ pins ``scikit-learn`` to the client's release and ``joblib`` to the client's
 (joblib's batch objects are pickled by reference), and keeps ``numpy`` and
 ``scipy`` on the client's major version (arrays and sparse matrices pickled by
 one major version need not load under another).
+
+scikit-learn's callbacks (``ProgressBar``, ``ScoringMonitor``) send their
+messages from the workers to the client over the cluster's own channel (see
+:mod:`skyward_sklearn.relay`).
 """
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +24,7 @@ from skyward_joblib.plugin import JoblibPlugin, check_version
 
 import skyward as sky
 from skyward.spec import Image, requirement_name
+from skyward_sklearn import relay
 
 if TYPE_CHECKING:
     from skyward.compute import Compute
@@ -98,6 +104,20 @@ class SklearnPlugin:
         )
 
     @sky.hookimpl
+    def worker_initializers(self) -> tuple[str, ...]:
+        """On each worker, scikit-learn's callback messages go to the client through Skyward."""
+        return (f"{relay.__name__}:{relay.install.__name__}",)
+
+    @sky.hookimpl
     def around_client(self, compute: Compute) -> AbstractContextManager[Any]:
-        """Route ``joblib.Parallel`` (so scikit-learn's ``n_jobs``) to ``compute``."""
-        return self.joblib.around_client(compute)
+        """Route ``joblib.Parallel`` (so scikit-learn's ``n_jobs``) and callback messages."""
+        return self._around_client(compute)
+
+    @contextmanager
+    def _around_client(self, compute: Compute) -> Iterator[None]:
+        compute.on_message(relay.TOPIC, relay.answer)
+        try:
+            with self.joblib.around_client(compute):
+                yield
+        finally:
+            compute.on_message(relay.TOPIC, None)

@@ -269,3 +269,12 @@ def test_an_uploaded_wheel_changed_on_the_host_is_not_installed(
     with pytest.raises(BootstrapError, match=f"uploaded file {path} is not the one") as info:
         host_side("prepare", args)
     assert info.value.step == "install packages"
+
+
+def test_image_repr_shows_env_names_but_not_values() -> None:
+    secret = "tok-" + secrets.token_hex(8)
+    image = sky.Image(pip=["numpy"], env={"UV_INDEX_URL": f"https://u:{secret}@pypi.example/"})
+    text = repr(image)
+    assert secret not in text and secret not in str(image)
+    assert "'UV_INDEX_URL': '***'" in text and "numpy" in text
+    assert image.env["UV_INDEX_URL"].endswith(f"{secret}@pypi.example/")  # still usable

@@ -526,3 +526,73 @@ def test_public_ip_lookup_is_used_when_no_cidr_is_given(
         aws_provider(ssh_cidr=None, public_ip_lookup=lambda: "192.0.2.44/32").launch(cluster, stack)
         (group,) = moto.groups(cluster.cluster_id)
     assert group["IpPermissions"][0]["IpRanges"][0]["CidrIp"] == "192.0.2.44/32"
+
+
+# --- the documented IAM policy -----------------------------------------------------------------
+
+
+def documented_policy() -> dict[str, Any]:
+    import json
+    import re
+
+    page = (Path(__file__).resolve().parent.parent / "docs" / "aws.md").read_text()
+    section = page[page.index("## Permissions") :]
+    match = re.search(r"```json\n(.*?)\n```", section, re.DOTALL)
+    assert match is not None, "docs/aws.md: no IAM policy under ## Permissions"
+    policy: dict[str, Any] = json.loads(match.group(1))
+    return policy
+
+
+def test_documented_iam_policy_allows_every_call_and_scopes_the_destructive_ones(
+    moto: Moto, aws_provider: Callable[..., Any], consoles: Consoles
+) -> None:
+    """Every EC2/SSM call of a launch, host-key read, teardown and cleanup listing is in
+    the policy; tagging only while creating; removing, opening and reading only what is
+    tagged skyward:cluster."""
+    import time
+
+    import boto3
+
+    from skyward.providers.aws import leftovers
+    from skyward.providers.aws.keys import KeyPair, console_host_key
+
+    calls: set[str] = set()
+    session = boto3.Session(region_name=moto.region)
+
+    def record(model: Any, **_: Any) -> None:
+        calls.add(f"{model.service_model.endpoint_prefix}:{model.name}")
+
+    session.events.register("before-call.*.*", record)
+    key = KeyPair.generate()
+    consoles.show = lambda instance: f"SKYWARD-HOST-KEY {key.public}\n"
+    cluster = spec(1)
+    with ExitStack() as stack:
+        launcher = aws_provider(session=session, instance_type=None).launch(cluster, stack)[0]
+        ec2 = session.client("ec2", endpoint_url=moto.endpoint)
+        console_host_key(ec2, launcher.name, time.monotonic() + 30, 0.05, threading.Event())
+        leftovers(moto.region, session=session, endpoint_url=moto.endpoint)
+    assert {"ec2:RunInstances", "ec2:TerminateInstances", "ec2:GetConsoleOutput"} <= calls
+
+    statements = documented_policy()["Statement"]
+    allowed = {
+        action
+        for s in statements
+        for action in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])
+    }
+    assert calls - allowed == set(), sorted(calls)
+
+    def conditions(action: str) -> list[dict[str, Any]]:
+        return [
+            s.get("Condition", {})
+            for s in statements
+            if action in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])
+        ]
+
+    tag = {"Null": {"ec2:ResourceTag/skyward:cluster": "false"}}
+    for action in ("TerminateInstances", "DeleteSecurityGroup", "DeleteKeyPair",
+                   "GetConsoleOutput"):  # fmt: skip
+        assert conditions(f"ec2:{action}") == [tag], action
+    (create,) = conditions("ec2:CreateTags")
+    assert sorted(create["StringEquals"]["ec2:CreateAction"]) == [
+        "CreateSecurityGroup", "ImportKeyPair", "RunInstances",
+    ]  # fmt: skip

@@ -33,7 +33,7 @@ from skyward.providers.aws.catalog import (
     pick_instance_type,
     resolve_ami,
 )
-from skyward.providers.aws.cli import cleanup, cli
+from skyward.providers.aws.cli import cleanup, cli, leftovers
 from skyward.providers.aws.ec2 import TAG
 from skyward.providers.aws.keys import KeyPair, console_host_key, console_host_keys
 from skyward.providers.aws.provider import AWS, checkip, public_address
@@ -54,6 +54,7 @@ __all__ = [
     "console_host_keys",
     "destroy_cluster",
     "instance_architecture",
+    "leftovers",
     "pick_instance_type",
     "public_address",
     "render_user_data",

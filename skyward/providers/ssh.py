@@ -318,7 +318,7 @@ class HostLauncher(Launcher):
             if self.known_hosts is not None and not os.path.exists(path):
                 raise self._fail("connect", f"known_hosts file {path} does not exist")
             system = self.system_known_hosts
-            known = KnownHosts([path] if system is None else [path, system])
+            known = KnownHosts([path] if system is None else [path, os.path.expanduser(system)])
             name = self._known_hosts_name()
             for key in known.trusted(name):
                 client.get_host_keys().add(name, key.get_name(), key)

@@ -36,6 +36,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     cleanup = aws_commands.add_parser("cleanup", help="remove resources Skyward left behind")
     cleanup.add_argument("--cluster", help="only this cluster id")
     cleanup.add_argument("--region", help="AWS region (default: your configured region)")
+    cleanup.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    cleanup.add_argument(
+        "--yes", "-y", action="store_true", help="remove without asking for confirmation"
+    )
     cleanup.set_defaults(run=_aws)
     args = parser.parse_args(argv)
     return int(args.run(args))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import subprocess
 import sys
 import threading
@@ -46,13 +47,31 @@ class Channel(ABC):
         return None
 
 
+# Terminal escape sequences (CSI in 7 and 8 bits, OSC/DCS/APC/PM strings, two-byte ESC
+# codes), then any other control character but tab: C0, DEL and C1.
+_ESCAPES = re.compile(
+    r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]"
+    r"|\x1b[\]PX^_][^\x07\x1b]*(?:\x07|\x1b\\|$)"
+    r"|\x1b[ -/]*[0-~]?"
+    r"|[\x00-\x08\x0a-\x1f\x7f-\x9f]"
+)
+
+
+def printable(text: str) -> str:
+    """``text`` without terminal control: escape sequences and control characters (tab
+    kept) removed, so a worker's output cannot move the cursor, rewrite the screen,
+    retitle the window or hide a line from the client's terminal."""
+    return _ESCAPES.sub("", text)
+
+
 def forward_lines(name: str, lines: Iterable[bytes]) -> threading.Thread:
-    """Copy a worker's stderr to the client's stderr, each line prefixed with ``[name]``."""
+    """Copy a worker's stderr to the client's stderr, each line prefixed with ``[name]``
+    and stripped of terminal control (:func:`printable`)."""
 
     def run() -> None:
         try:
             for raw in lines:
-                text = raw.decode("utf-8", "replace").rstrip("\n")
+                text = printable(raw.decode("utf-8", "replace").rstrip("\n"))
                 log.debug("[%s] %s", name, text)
                 try:
                     sys.stderr.write(f"[{name}] {text}\n")
@@ -178,8 +197,12 @@ class SSHChannel(Channel):
         for line in stream:
             if self._pid is None and line.startswith(AGENT_PID_MARK):
                 try:
-                    self._pid = int(line[len(AGENT_PID_MARK) :])
+                    pid = int(line[len(AGENT_PID_MARK) :])
                 except ValueError:
+                    pid = 0
+                if pid > 1:  # 0, -1 and 1 would make a kill hit far more than the agent
+                    self._pid = pid
+                else:
                     yield line
                 self._pid_seen.set()
                 continue
@@ -225,6 +248,9 @@ class SSHChannel(Channel):
 
 
 def _remote_kill(transport: paramiko.Transport, pid: int) -> None:
+    if pid <= 1:
+        # kill -9 -- -0 is the caller's group, -1 every process the user may signal.
+        raise ValueError(f"refusing to kill remote pid {pid}: an agent's pid is > 1")
     session = transport.open_session(timeout=2.0)
     try:
         # The agent leads its own process group (sshd starts each session with setsid):

@@ -163,7 +163,9 @@ class Image:
             package, e.g. ``"numpy>=1.26,<2"``, ``"pandas[parquet]"``,
             ``"pandas; python_version > '3.8'"``, ``"pkg @ https://host/pkg.whl"``.
         env: environment variables set for the agent and its tasks (on SSH and AWS
-            hosts also for the package installer, e.g. ``UV_INDEX_URL``).
+            hosts also for the package installer, e.g. ``UV_INDEX_URL``). They reach
+            hosts over the SSH channel, never on a command line, and ``repr`` shows
+            only their names.
         wheelhouse: a local folder of wheels; when set, remote installs use only
             these wheels (``--no-index``), for hosts without internet access.
     """
@@ -199,6 +201,14 @@ class Image:
 
     def __hash__(self) -> int:
         return hash(self.digest())
+
+    def __repr__(self) -> str:
+        # env often holds secrets (index URLs with tokens): names only, values hidden.
+        env = "{" + ", ".join(f"{key!r}: '***'" for key in self.env) + "}"
+        return (
+            f"Image(python={self.python!r}, pip={self.pip!r}, env={env}, "
+            f"wheelhouse={self.wheelhouse!r})"
+        )
 
     def with_pip(self, *requirements: str) -> Image:
         """Return a copy with ``requirements`` appended."""

@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -145,6 +145,44 @@ def moto() -> Iterator[Moto]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@dataclass
+class Consoles:
+    """What the instances' consoles show on the moto server (moto itself returns one
+    canned boot log for every instance). Test seam: ``show`` maps moto's instance model
+    to the lines the instance would print; the client reads them with the real
+    ``GetConsoleOutput`` call, over HTTP, like from EC2. ``calls`` records each call's
+    parameters."""
+
+    show: Callable[[Any], str] | None = None
+    calls: list[dict[str, Any]] = field(default_factory=list)
+
+
+@pytest.fixture
+def consoles(moto: Moto, monkeypatch: pytest.MonkeyPatch) -> Consoles:
+    """Per-instance console output on the (in-process) moto server, for this test."""
+    from moto.core.responses import ActionResult
+    from moto.core.types import Base64EncodedString
+    from moto.core.utils import utcnow
+    from moto.ec2.responses.general import SAMPLE_CONSOLE_OUTPUT, General
+
+    state = Consoles()
+
+    def get_console_output(self: Any) -> ActionResult:
+        state.calls.append({k: self._get_param(k) for k in ("InstanceId", "Latest")})
+        instance = self.ec2_backend.get_instance(self._get_param("InstanceId"))
+        text = SAMPLE_CONSOLE_OUTPUT + (state.show(instance) if state.show else "")
+        return ActionResult(
+            {
+                "InstanceId": instance.id,
+                "Timestamp": utcnow(),
+                "Output": Base64EncodedString.from_raw_string(text),
+            }
+        )
+
+    monkeypatch.setattr(General, "get_console_output", get_console_output)
+    return state
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from skyward.providers.aws.catalog import PRICE_PER_VCPU_HOUR, pick_instance_typ
 from skyward.spec import Image, Worker
 
 if TYPE_CHECKING:
-    from moto_ec2 import Moto
+    from moto_ec2 import Consoles, Moto
 
 pytest_plugins = ["moto_ec2"]
 pytestmark = pytest.mark.timeout(120)
@@ -109,6 +109,72 @@ def test_launch_tags_key_pair_group_and_instances_then_teardown_removes_all(
             assert instance["MetadataOptions"]["HttpTokens"] == "required"
     assert moto.leftovers(cid) == []
     assert {i["State"]["Name"] for i in moto.all_instances(cid)} == {"terminated"}
+
+
+def test_run_instances_carries_a_client_token(
+    moto: Moto, launched: tuple[ClusterSpec, Any]
+) -> None:
+    """A retried request (its reply lost) returns the first one's instances, not a second
+    set: EC2 deduplicates by ClientToken."""
+    cluster, _ = launched
+    tokens = {i["ClientToken"] for i in moto.live_instances(cluster.cluster_id)}
+    (token,) = tokens
+    assert token.startswith(f"skyward-{cluster.cluster_id}-") and len(token) <= 64
+
+
+def test_a_key_pair_name_taken_by_someone_else_is_not_deleted(
+    moto: Moto, aws_provider: Callable[..., Any]
+) -> None:
+    """The import fails (the name exists): the teardown must not remove that key pair."""
+    from skyward.providers.aws.keys import KeyPair
+
+    cluster = spec(1)
+    theirs = f"skyward-{cluster.cluster_id}"
+    moto.ec2.import_key_pair(KeyName=theirs, PublicKeyMaterial=KeyPair.generate().public.encode())
+    try:
+        with pytest.raises(Exception, match="Duplicate"):
+            with ExitStack() as stack:
+                aws_provider().launch(cluster, stack)
+        names = [k["KeyName"] for k in moto.ec2.describe_key_pairs()["KeyPairs"]]
+        assert theirs in names
+        assert moto.leftovers(cluster.cluster_id) == []
+    finally:
+        moto.ec2.delete_key_pair(KeyName=theirs)
+
+
+def test_host_key_comes_from_the_instance_console_and_two_keys_there_are_refused(
+    moto: Moto, launched: tuple[ClusterSpec, Any], consoles: Consoles
+) -> None:
+    """The real GetConsoleOutput call (moto's consoles show what the test says): the key
+    appears after a few polls; a console showing two keys is refused; none is a timeout."""
+    import time
+
+    from skyward.errors import HostKeyError
+    from skyward.providers.aws.keys import KeyPair, console_host_key
+
+    _, launchers = launched
+    ours, theirs = launchers[0].name, launchers[1].name
+    key, other = KeyPair.generate(), KeyPair.generate()
+    polls = iter(range(1000))
+
+    def show(instance: Any) -> str:
+        booted = instance.id == ours and next(polls) >= 3  # printed after a while
+        return f"[  9.1] boot\r\nSKYWARD-HOST-KEY {key.public}\r\n" if booted else ""
+
+    consoles.show = show
+
+    def read(instance_id: str, seconds: float) -> Any:
+        return console_host_key(
+            moto.ec2, instance_id, time.monotonic() + seconds, 0.05, threading.Event()
+        )
+
+    assert read(ours, 30).asbytes() == key.pkey.asbytes()
+    assert {c["InstanceId"] for c in consoles.calls} == {ours}
+    with pytest.raises(TimeoutError, match=f"{theirs}: the instance printed no SSH host key"):
+        read(theirs, 0.3)
+    consoles.show = lambda i: f"SKYWARD-HOST-KEY {key.public}\nSKYWARD-HOST-KEY {other.public}\n"
+    with pytest.raises(HostKeyError, match="shows 2 different SSH host keys"):
+        read(ours, 30)
 
 
 def test_security_group_only_ingress_is_port_22_from_the_given_cidr(
@@ -384,7 +450,7 @@ def test_cleanup_command_removes_a_leaked_cluster(
     try:
         result = subprocess.run(
             [sys.executable, "-m", "skyward", "aws", "cleanup", "--cluster", leaked_id,
-             "--region", moto.region],
+             "--region", moto.region, "--yes"],
             capture_output=True, text=True, timeout=60, env=moto.env(),
         )  # fmt: skip
         assert result.returncode == 0, result.stderr
@@ -394,7 +460,7 @@ def test_cleanup_command_removes_a_leaked_cluster(
         assert moto.leftovers(leaked_id) == []
         assert len(moto.leftovers(kept_id)) == 4  # another cluster is not touched
         everything = subprocess.run(
-            [sys.executable, "-m", "skyward", "aws", "cleanup", "--region", moto.region],
+            [sys.executable, "-m", "skyward", "aws", "cleanup", "--region", moto.region, "-y"],
             capture_output=True, text=True, timeout=60, env=moto.env(),
         )  # fmt: skip
         assert everything.returncode == 0, everything.stderr
@@ -409,6 +475,49 @@ def test_cleanup_command_removes_a_leaked_cluster(
         kept.close()
 
 
+def cleanup_command(moto: Moto, *args: str, answer: str = "") -> subprocess.CompletedProcess[str]:
+    """``python -m skyward aws cleanup ARGS`` on the moto server, ``answer`` on its stdin."""
+    return subprocess.run(
+        [sys.executable, "-m", "skyward", "aws", "cleanup", "--region", moto.region, *args],
+        input=answer, capture_output=True, text=True, timeout=60, env=moto.env(),
+    )  # fmt: skip
+
+
+def test_cleanup_dry_run_lists_and_removes_nothing(
+    moto: Moto, aws_provider: Callable[..., Any]
+) -> None:
+    leaked_id, leaked = _leak(aws_provider())
+    try:
+        result = cleanup_command(moto, "--cluster", leaked_id, "--dry-run")
+        assert result.returncode == 0, result.stderr
+        (listing,) = [line for line in result.stdout.splitlines() if leaked_id in line]
+        assert listing.count("instance i-") == 2 and f"key pair skyward-{leaked_id}" in listing
+        assert "would remove 4 resource(s) of 1 cluster(s); nothing was removed" in result.stdout
+        assert "removed instance" not in result.stdout and "[y/N]" not in result.stderr
+        assert len(moto.leftovers(leaked_id)) == 4
+    finally:
+        leaked.close()
+
+
+@pytest.mark.parametrize(("answer", "removes"), [("", False), ("n\n", False), ("y\n", True)])
+def test_cleanup_asks_before_removing_anything(
+    moto: Moto, aws_provider: Callable[..., Any], answer: str, removes: bool
+) -> None:
+    leaked_id, leaked = _leak(aws_provider())
+    try:
+        result = cleanup_command(moto, "--cluster", leaked_id, answer=answer)
+        assert "remove these 4 resource(s) of 1 cluster(s)? [y/N]" in result.stderr
+        assert result.returncode == (0 if removes else 1), result.stderr
+        if removes:
+            assert result.stdout.count("removed instance ") == 2
+            assert moto.leftovers(leaked_id) == []
+        else:
+            assert "nothing was removed (answer y, or pass --yes)" in result.stdout
+            assert len(moto.leftovers(leaked_id)) == 4
+    finally:
+        leaked.close()
+
+
 def test_public_ip_lookup_is_used_when_no_cidr_is_given(
     moto: Moto, aws_provider: Callable[..., Any]
 ) -> None:
@@ -417,3 +526,73 @@ def test_public_ip_lookup_is_used_when_no_cidr_is_given(
         aws_provider(ssh_cidr=None, public_ip_lookup=lambda: "192.0.2.44/32").launch(cluster, stack)
         (group,) = moto.groups(cluster.cluster_id)
     assert group["IpPermissions"][0]["IpRanges"][0]["CidrIp"] == "192.0.2.44/32"
+
+
+# --- the documented IAM policy -----------------------------------------------------------------
+
+
+def documented_policy() -> dict[str, Any]:
+    import json
+    import re
+
+    page = (Path(__file__).resolve().parent.parent / "docs" / "aws.md").read_text()
+    section = page[page.index("## Permissions") :]
+    match = re.search(r"```json\n(.*?)\n```", section, re.DOTALL)
+    assert match is not None, "docs/aws.md: no IAM policy under ## Permissions"
+    policy: dict[str, Any] = json.loads(match.group(1))
+    return policy
+
+
+def test_documented_iam_policy_allows_every_call_and_scopes_the_destructive_ones(
+    moto: Moto, aws_provider: Callable[..., Any], consoles: Consoles
+) -> None:
+    """Every EC2/SSM call of a launch, host-key read, teardown and cleanup listing is in
+    the policy; tagging only while creating; removing, opening and reading only what is
+    tagged skyward:cluster."""
+    import time
+
+    import boto3
+
+    from skyward.providers.aws import leftovers
+    from skyward.providers.aws.keys import KeyPair, console_host_key
+
+    calls: set[str] = set()
+    session = boto3.Session(region_name=moto.region)
+
+    def record(model: Any, **_: Any) -> None:
+        calls.add(f"{model.service_model.endpoint_prefix}:{model.name}")
+
+    session.events.register("before-call.*.*", record)
+    key = KeyPair.generate()
+    consoles.show = lambda instance: f"SKYWARD-HOST-KEY {key.public}\n"
+    cluster = spec(1)
+    with ExitStack() as stack:
+        launcher = aws_provider(session=session, instance_type=None).launch(cluster, stack)[0]
+        ec2 = session.client("ec2", endpoint_url=moto.endpoint)
+        console_host_key(ec2, launcher.name, time.monotonic() + 30, 0.05, threading.Event())
+        leftovers(moto.region, session=session, endpoint_url=moto.endpoint)
+    assert {"ec2:RunInstances", "ec2:TerminateInstances", "ec2:GetConsoleOutput"} <= calls
+
+    statements = documented_policy()["Statement"]
+    allowed = {
+        action
+        for s in statements
+        for action in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])
+    }
+    assert calls - allowed == set(), sorted(calls)
+
+    def conditions(action: str) -> list[dict[str, Any]]:
+        return [
+            s.get("Condition", {})
+            for s in statements
+            if action in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])
+        ]
+
+    tag = {"Null": {"ec2:ResourceTag/skyward:cluster": "false"}}
+    for action in ("TerminateInstances", "DeleteSecurityGroup", "DeleteKeyPair",
+                   "GetConsoleOutput"):  # fmt: skip
+        assert conditions(f"ec2:{action}") == [tag], action
+    (create,) = conditions("ec2:CreateTags")
+    assert sorted(create["StringEquals"]["ec2:CreateAction"]) == [
+        "CreateSecurityGroup", "ImportKeyPair", "RunInstances",
+    ]  # fmt: skip

@@ -2,8 +2,9 @@
 
 Everything but the EC2 API is real: the provider creates the key pair, security group
 and instances on moto, the injected resolver maps instance ``AmiLaunchIndex`` i to
-the i-th loopback daemon, the client pins the per-cluster host key it "handed to the
-instances" (here: the key the daemons run with), logs in with the cluster key pair
+the i-th loopback daemon, the client reads each instance's host key from its console
+(``GetConsoleOutput`` on moto, whose consoles show the i-th daemon's own key: the
+``consoles`` seam in ``moto_ec2.py``) and pins it, logs in with the cluster key pair
 (here: a key the daemons authorize), bootstraps over SSH, runs joblib tasks, and tears
 everything down. moto's own public IPs are never contacted.
 """
@@ -30,17 +31,17 @@ from conftest import need, wait_until
 from sshd_hosts import SSHD, bootstrapped_agents, start_sshd, stop_sshd, write_keypair
 
 import skyward as sky
-from skyward.errors import NodeStartError
-from skyward.providers.aws.userdata import render_wrapper
+from skyward.errors import HostKeyError
+from skyward.providers.aws.userdata import HOST_KEY_MARK, render_wrapper
 
 if TYPE_CHECKING:
-    from moto_ec2 import Moto
+    from moto_ec2 import Consoles, Moto
 
 pytest_plugins = ["moto_ec2"]
 pytestmark = pytest.mark.timeout(180)
 
-# Three daemons of their own: they share one host key, as a cluster's instances do. Free
-# ports are picked at start, so two test sessions on one machine do not collide.
+# Three daemons of their own, each with its own host key, as a cluster's instances have.
+# Free ports are picked at start, so two test sessions on one machine do not collide.
 ADDRESSES = ("127.0.0.5", "127.0.0.6", "127.0.0.7")
 
 
@@ -57,9 +58,22 @@ class FakeInstances:
 
     addresses: tuple[str, ...]
     ports: tuple[int, ...]
-    host_key_file: str
+    host_keys: tuple[str, ...]  # "ssh-ed25519 AAAA...", the i-th daemon's
     client_key_file: str
     pids: tuple[int, ...]
+
+    def console(self, instance: Any) -> str:
+        """What instance i (moto's model) prints on its console: the i-th daemon's key."""
+        return f"{HOST_KEY_MARK} {self.host_keys[instance.ami_launch_index]}\r\n"
+
+    def fingerprint(self, index: int) -> str:
+        """The i-th daemon's host key fingerprint, as paramiko prints it."""
+        import base64
+
+        import paramiko
+
+        kind, data = self.host_keys[index].split()
+        return str(paramiko.PKey.from_type_string(kind, base64.b64decode(data)).fingerprint)
 
     def resolver(self, instance: Mapping[str, Any]) -> tuple[str, int]:
         """Instance -> its daemon: the i-th instance of the reservation, the i-th address."""
@@ -90,16 +104,17 @@ def fake_instances() -> Iterator[FakeInstances]:
     workdir = Path(tempfile.mkdtemp(prefix="skyward-aws-sshd-"))
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        host_key = workdir / "cluster_host_key"
-        write_keypair(host_key)
         client_key = workdir / "cluster_login_key"
         authorized = workdir / "authorized_keys"
         authorized.write_text(write_keypair(client_key) + "\n")
         ports = tuple(free_port(address) for address in ADDRESSES)
+        public_keys = []
         for address, port in zip(ADDRESSES, ports, strict=True):
+            host_key = workdir / f"host_key_{address}"
+            public_keys.append(write_keypair(host_key))
             procs.append(start_sshd(address, port, host_key, authorized, workdir))
         yield FakeInstances(
-            ADDRESSES, ports, str(host_key), str(client_key), tuple(p.pid for p in procs)
+            ADDRESSES, ports, tuple(public_keys), str(client_key), tuple(p.pid for p in procs)
         )
     finally:
         for proc in procs:
@@ -126,14 +141,18 @@ def image(ssh_wheelhouse: str) -> sky.Image:
 
 @pytest.fixture
 def provider(
-    aws_provider: Callable[..., Any], clean: FakeInstances, ssh_env_root: str
+    aws_provider: Callable[..., Any],
+    clean: FakeInstances,
+    ssh_env_root: str,
+    consoles: Consoles,
 ) -> Callable[..., Any]:
-    """``sky.AWS`` on moto whose instances are the loopback daemons."""
+    """``sky.AWS`` on moto whose instances are the loopback daemons (each instance's
+    console shows its daemon's host key)."""
+    consoles.show = clean.console
 
     def make(**options: Any) -> Any:
         defaults = {
             "resolve_address": clean.resolver,
-            "host_key": clean.host_key_file,
             "ssh_key": clean.client_key_file,
             "user": getpass.getuser(),
             "python": sys.executable,
@@ -200,26 +219,47 @@ def test_lost_node_is_restarted_on_its_instance(
     assert moto.leftovers(cluster_id) == []
 
 
-def test_host_key_other_than_the_pinned_one_is_refused(
+def test_each_instance_is_pinned_to_its_own_host_key_read_from_its_console(
     moto: Moto,
     provider: Callable[..., Any],
     clean: FakeInstances,
     image: sky.Image,
-    tmp_path: Path,
+    consoles: Consoles,
 ) -> None:
-    """The daemons present the cluster key; the client pins a different one: refused."""
-    write_keypair(tmp_path / "pinned")
+    with sky.Compute(provider=provider(), nodes=2, image=image) as compute:
+        instances = {i["InstanceId"]: i for i in moto.live_instances(compute.cluster_id)}
+        presented = {
+            node.name: node.channel.channel.get_transport().get_remote_server_key()  # type: ignore[attr-defined]
+            for node in compute.nodes
+        }
+        assert len({key.get_base64() for key in presented.values()}) == 2
+        for instance_id, key in presented.items():
+            index = instances[instance_id]["AmiLaunchIndex"]
+            assert f"{key.get_name()} {key.get_base64()}" == clean.host_keys[index]
+    # Read from each instance's console, the latest output (Nitro).
+    assert sorted(c["InstanceId"] for c in consoles.calls) == sorted(instances)
+    assert all(c["Latest"] in (True, "true") for c in consoles.calls)
+
+
+def test_an_instance_presenting_another_instance_key_is_refused(
+    moto: Moto, provider: Callable[..., Any], clean: FakeInstances, image: sky.Image
+) -> None:
+    """Both instances are reached at the first one's address: the second instance's
+    connection presents the first one's key, not its own, and is refused."""
     seen: list[str] = []
 
-    def resolver(instance: Mapping[str, Any]) -> tuple[str, int]:
+    def first_daemon(instance: Mapping[str, Any]) -> tuple[str, int]:
         seen.append(next(t["Value"] for t in instance["Tags"] if t["Key"] == "skyward:cluster"))
-        return clean.resolver(instance)
+        return clean.addresses[0], clean.ports[0]
 
-    aws = provider(host_key=tmp_path / "pinned", resolve_address=resolver)
-    with pytest.raises(NodeStartError, match="host key CHANGED") as info:
-        with sky.Compute(provider=aws, nodes=1, image=image):
-            pytest.fail("a host presenting another key must not be used")
-    assert "the pinned host keys" in str(info.value)
+    with pytest.raises(HostKeyError) as info:
+        with sky.Compute(provider=provider(resolve_address=first_daemon), nodes=2, image=image):
+            pytest.fail("a host presenting another instance's key must not be used")
+    message = str(info.value)
+    assert "host key CHANGED" in message and "the pinned host keys" in message
+    # trusted: the second instance's own key (from its console); offered: the first's.
+    trusted, offered = message.split("offered by the host:")
+    assert clean.fingerprint(1) in trusted and clean.fingerprint(0) in offered
     assert moto.leftovers(seen[0]) == []
 
 
@@ -264,7 +304,7 @@ CLIENT = textwrap.dedent(
     import skyward as sky
     from skyward.providers.aws import AWS
 
-    mode, endpoint, host_key, ssh_key, user, env_root, wheelhouse, *addresses = sys.argv[1:]
+    mode, endpoint, ssh_key, user, env_root, wheelhouse, *addresses = sys.argv[1:]
     provider = AWS(
         region="us-east-1", endpoint_url=endpoint, ssh_cidr="198.51.100.7/32",
         instance_type="c6a.large", poll_interval=0.1, progress=True,
@@ -272,7 +312,7 @@ CLIENT = textwrap.dedent(
             addresses[i["AmiLaunchIndex"]].split(":")[0],
             int(addresses[i["AmiLaunchIndex"]].split(":")[1]),
         ),
-        host_key=host_key, ssh_key=ssh_key, user=user, python=sys.executable,
+        ssh_key=ssh_key, user=user, python=sys.executable,
         env_root=env_root,
     )
     image = sky.Image(pip=["threadpoolctl"], wheelhouse=wheelhouse)
@@ -290,10 +330,16 @@ CLIENT = textwrap.dedent(
     "how", [signal.SIGINT, signal.SIGTERM, None], ids=["SIGINT", "SIGTERM", "interpreter-exit"]
 )
 def test_running_client_interrupted_or_exiting_removes_everything(
-    moto: Moto, clean: FakeInstances, ssh_env_root: str, ssh_wheelhouse: str, how: int | None
+    moto: Moto,
+    clean: FakeInstances,
+    consoles: Consoles,
+    ssh_env_root: str,
+    ssh_wheelhouse: str,
+    how: int | None,
 ) -> None:
+    consoles.show = clean.console
     args = [
-        "signal" if how else "exit", moto.endpoint, clean.host_key_file, clean.client_key_file,
+        "signal" if how else "exit", moto.endpoint, clean.client_key_file,
         getpass.getuser(), ssh_env_root, ssh_wheelhouse, *clean.specs(),
     ]  # fmt: skip
     cluster_id, code, err = moto.run_client(CLIENT, args, "READY", how)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,38 +13,13 @@ from pathlib import Path
 
 import paramiko
 import pytest
+from bootstrap_host import host_side, stage
 from sshd_hosts import SSHDCluster
 
 import skyward as sky
 from skyward import bootstrap
 from skyward.bootstrap import remote
-from skyward.bootstrap.wheels import ClientWheels
 from skyward.providers.ssh import Host
-
-
-def host_side(command: str, args: dict[str, object]) -> dict[str, object]:
-    """Run the bootstrap's host-side ``command`` here, as the SSH provider runs it there."""
-    line = remote.remote_command(sys.executable, command, args)
-    proc = subprocess.run(line, shell=True, capture_output=True, text=True, timeout=600)
-    return remote.parse_result(command, proc.returncode, proc.stdout, proc.stderr)
-
-
-def stage(plan: bootstrap.Plan, base: dict[str, object], wheelhouse: str) -> dict[str, object]:
-    """Probe, then place the files as the SFTP upload does; return the prepare arguments."""
-    probe = host_side("probe", base)
-    assert probe["ready"] is False
-    wheels = ClientWheels.shared().paths
-    for wheel in Path(wheelhouse).iterdir():
-        shutil.copy(wheel, Path(str(probe["wheelhouse"])) / wheel.name)
-    for wheel in wheels:
-        shutil.copy(wheel, Path(str(probe["wheels"])) / wheel.name)
-    return {
-        **base,
-        "packages": list(plan.packages),
-        "offline": True,
-        "env": {},
-        "wheels": [p.name for p in wheels],
-    }
 
 
 @pytest.mark.timeout(600)
@@ -120,7 +94,7 @@ def test_only_the_standard_library_host_script_is_shipped(tmp_path: Path) -> Non
 
     from skyward.bootstrap import host
 
-    line = remote.remote_command(sys.executable, "probe", {})
+    line = remote.remote_command(sys.executable, "probe")
     payload = shlex.split(line)[3]
     shipped = zlib.decompress(base64.b64decode(payload))
     assert shipped == Path(host.__file__).read_bytes()
@@ -137,9 +111,7 @@ def test_only_the_standard_library_host_script_is_shipped(tmp_path: Path) -> Non
     bare.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -I -S "$@"\n')
     bare.chmod(0o755)
     args = {"env_root": str(tmp_path / "envs"), "digest": "d", "install_key": "k", "code": "c"}
-    line = remote.remote_command(str(bare), "probe", args)
-    proc = subprocess.run(line, shell=True, capture_output=True, text=True, timeout=60)
-    probe = remote.parse_result("probe", proc.returncode, proc.stdout, proc.stderr)
+    probe = host_side("probe", args, python=str(bare))
     assert probe["ready"] is False and probe["env"] == str(tmp_path / "envs" / "d")
 
 

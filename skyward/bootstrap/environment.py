@@ -88,13 +88,20 @@ def _shell_path(path: str) -> str:
 
 def agent_command(plan: Plan, env_root: str) -> str:
     """Shell command that starts the agent if the environment is ready, else exits
-    :data:`NOT_READY`: a warm start costs one remote command, not two."""
-    env = f"{_shell_path(env_root.rstrip('/'))}/{plan.digest}"
+    :data:`NOT_READY`: a warm start costs one remote command, not two.
+
+    "Ready" includes ``env_root`` being private (owned by the login user, not writable
+    by group or others): an environment others could have planted is never run; the
+    bootstrap that follows reports why.
+    """
+    root = _shell_path(env_root.rstrip("/") or "/")
     # sh (not the login shell, which may be slow or print) announces its pid, which
-    # exec keeps for the agent, on stderr.
+    # exec keeps for the agent, on stderr. `ls -ldn` gives the mode ($1) and owner ($3).
     script = (
-        f"E={env}; "
-        f'{{ [ -x "$E/bin/python" ] && read -r I < "$E/{host.IMAGE_MARKER}" && read -r C < '
+        f'R={root}; E="$R"/{plan.digest}; '
+        f'{{ set -- $(ls -ldn "$R/") && [ "$3" = "$(id -u)" ] && '
+        'case "$1" in ?????w*|????????w*) false ;; esac && '
+        f'[ -x "$E/bin/python" ] && read -r I < "$E/{host.IMAGE_MARKER}" && read -r C < '
         f'"$E/{host.CODE_MARKER}" && [ "$I" = {plan.install_key} ] && [ "$C" = {plan.code} ]; }} '
         f"2>/dev/null || exit {NOT_READY}; "
         f"echo {AGENT_PID_MARK.decode()}$$ >&2; "
@@ -130,7 +137,8 @@ def prepare(
     if probe["ready"]:
         return  # another client finished it meanwhile
     wheels = ClientWheels.shared()
-    uploads = _uploads(image, wheels, probe)
+    files = _local_files(image, wheels)
+    uploads = _uploads(files, probe)
     if uploads:
         logger("upload", f"uploading {len(uploads)} file(s) over SFTP")
         remote.upload(client, uploads)
@@ -140,7 +148,8 @@ def prepare(
         "offline": image.wheelhouse is not None,
         # The image's variables reach the installer too (PIP_INDEX_URL, UV_INDEX_URL, ...).
         "env": dict(image.env),
-        "wheels": [path.name for path in wheels.paths],
+        # name -> sha256: the host checks each file against it before installing it.
+        **{folder: {p.name: h for p, h in hashes.items()} for folder, hashes in files.items()},
     }
     installer = "uv" if probe["uv"] else "python -m venv + pip"
     logger("prepare", f"preparing environment {plan.digest} with {installer}")
@@ -153,13 +162,25 @@ def prepare(
     remote.call(client, python, "prepare", args, PREPARE_TIMEOUT, "prepare", progress)
 
 
-def _uploads(image: Image, wheels: ClientWheels, probe: dict[str, Any]) -> list[tuple[Path, str]]:
-    present: dict[str, int] = probe["present"]
-    files = [(path, f"{probe['wheels']}/{path.name}") for path in wheels.paths]
+def _local_files(image: Image, wheels: ClientWheels) -> dict[str, dict[Path, str]]:
+    """The files the environment needs, by host folder (``wheels``: the client's code,
+    ``wheelhouse``: the image's), each with its sha256."""
+    found = {"wheels": list(wheels.paths), "wheelhouse": []}
     if image.wheelhouse is not None:
-        for path in sorted(Path(image.wheelhouse).iterdir()):
-            if path.is_file():
-                files.append((path, f"{probe['wheelhouse']}/{path.name}"))
+        found["wheelhouse"] = [p for p in sorted(Path(image.wheelhouse).iterdir()) if p.is_file()]
+    return {
+        folder: {path: host.file_sha256(str(path)) for path in paths}
+        for folder, paths in found.items()
+    }
+
+
+def _uploads(files: dict[str, dict[Path, str]], probe: dict[str, Any]) -> list[tuple[Path, str]]:
+    """``(local file, path on the host)`` of the files the host does not hold with the same
+    content (by sha256: a file of the same size is not the same file)."""
+    present: dict[str, str] = probe["present"]
     return [
-        (local, remote) for local, remote in files if present.get(remote) != local.stat().st_size
+        (local, f"{probe[folder]}/{local.name}")
+        for folder, hashes in files.items()
+        for local, sha256 in hashes.items()
+        if present.get(f"{probe[folder]}/{local.name}") != sha256
     ]

@@ -2,6 +2,8 @@
 
 :func:`run_remote` waits on the channel itself (``select`` on paramiko's channel
 pipe, which wakes on output, end of file and close), never in a sleep loop.
+A command line is visible to every user of the host (``ps``), so the host side's
+arguments, secrets included, travel on the channel's stdin instead.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from skyward.errors import BootstrapError
 if TYPE_CHECKING:
     import paramiko
 
-__all__ = ["call", "parse_result", "remote_command", "run_remote", "upload"]
+__all__ = ["call", "encode_args", "parse_result", "remote_command", "run_remote", "upload"]
 
 _CHUNK = 1 << 16
 
@@ -35,8 +37,9 @@ def _payload() -> str:
     return base64.b64encode(zlib.compress(Path(host.__file__).read_bytes(), 9)).decode()
 
 
-def remote_command(python: str, command: str, args: dict[str, Any]) -> str:
-    """The shell command that runs :mod:`skyward.bootstrap.host`'s ``command`` with ``python``.
+def remote_command(python: str, command: str) -> str:
+    """The shell command that runs :mod:`skyward.bootstrap.host`'s ``command`` with ``python``;
+    it reads its JSON arguments (:func:`encode_args`) from stdin.
 
     Only ``host.py`` travels (compressed, as an argument): no other client code.
     """
@@ -44,8 +47,13 @@ def remote_command(python: str, command: str, args: dict[str, Any]) -> str:
         "import base64,sys,zlib;"
         "exec(compile(zlib.decompress(base64.b64decode(sys.argv[1])),'skyward-bootstrap','exec'))"
     )
-    argv = [python, "-c", loader, _payload(), command, json.dumps(args)]
+    argv = [python, "-c", loader, _payload(), command]
     return " ".join(shlex.quote(a) for a in argv)
+
+
+def encode_args(args: dict[str, Any]) -> bytes:
+    """The stdin of :func:`remote_command`: its arguments as JSON."""
+    return json.dumps(args).encode()
 
 
 class _Lines:
@@ -67,10 +75,12 @@ def run_remote(
     command: str,
     timeout: float,
     on_line: Callable[[str], None] | None = None,
+    stdin: bytes | None = None,
 ) -> tuple[int, str, str]:
     """Run ``command`` on the host; return ``(exit code, stdout, stderr)`` within ``timeout``.
 
-    ``on_line`` sees each stdout line as it arrives.
+    ``on_line`` sees each stdout line as it arrives. ``stdin`` is sent to the command,
+    then its stdin is closed (without it, stdin stays open).
     """
     transport = client.get_transport()
     if transport is None or not transport.is_active():
@@ -81,6 +91,9 @@ def run_remote(
     deadline = time.monotonic() + timeout
     try:
         channel.exec_command(command)
+        if stdin is not None:
+            channel.sendall(stdin)
+            channel.shutdown_write()
         # Readable on new output, EOF or close; cleared once both buffers are drained.
         ready = channel.fileno()
         while True:
@@ -127,9 +140,11 @@ def call(
     step: str,
     on_line: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Run the host side's ``command`` with ``python`` and return its result."""
+    """Run the host side's ``command`` with ``python`` and ``args`` (over stdin); return
+    its result."""
     try:
-        code, out, err = run_remote(client, remote_command(python, command, args), timeout, on_line)
+        line = remote_command(python, command)
+        code, out, err = run_remote(client, line, timeout, on_line, encode_args(args))
     except (OSError, TimeoutError, EOFError) as exc:
         raise BootstrapError(f"{type(exc).__name__}: {exc}", step) from exc
     if code == 127 or ("not found" in err and host.RESULT_MARK not in out):

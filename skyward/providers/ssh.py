@@ -4,8 +4,10 @@ Each node is one paramiko connection. The host's environment is prepared by
 :mod:`skyward.bootstrap`, then the agent runs in an exec channel whose
 stdin/stdout carry the same frames as a local agent's pipes. Nothing listens
 on the hosts: the SSH channel is the only way in, and the agent exits when it
-closes. Host keys are checked against ``known_hosts`` (``RejectPolicy``): an
-unknown or changed key is an error that says how to trust the host.
+closes. Host keys are checked against ``known_hosts`` and the system-wide
+``/etc/ssh/ssh_known_hosts`` (:mod:`skyward.providers.known_hosts`, which honours
+``@revoked`` lines): an unknown, changed or revoked key is an error that says how to
+trust the host.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from skyward import bootstrap
 from skyward.channel import Channel, SSHChannel
 from skyward.errors import HostKeyError, NodeStartError
 from skyward.providers import ClusterSpec, Launcher, Provider
+from skyward.providers.known_hosts import SYSTEM_KNOWN_HOSTS, KnownHosts
 from skyward.spec import Image
 
 __all__ = ["SSH", "Host", "HostKeyError", "HostLauncher"]
@@ -85,10 +88,14 @@ class SSH(Provider):
             ``~/.ssh/id_*``.
         known_hosts: file of trusted host keys (default ``~/.ssh/known_hosts``; ``~`` is
             expanded).
+        system_known_hosts: the system-wide file of trusted host keys, read too (its
+            entries lose to ``known_hosts``'s for one host and key type); ``None``
+            reads only ``known_hosts``.
         python: interpreter on the hosts used to create the environment; it must be the
             client's Python minor version.
         connect_timeout: seconds to connect and authenticate to each host.
-        env_root: folder on the hosts holding one environment per image.
+        env_root: folder on the hosts holding one environment per image; it must be
+            private to the login user (owned by it, not writable by group or others).
     """
 
     hosts: Sequence[str]
@@ -96,6 +103,7 @@ class SSH(Provider):
     port: int = 22
     key_filename: str | None = None
     known_hosts: str | None = None
+    system_known_hosts: str | None = SYSTEM_KNOWN_HOSTS
     python: str = "python3"
     connect_timeout: float = 30.0
     env_root: str = DEFAULT_ENV_ROOT
@@ -136,6 +144,7 @@ class SSH(Provider):
                 image=spec.image,
                 key_filename=self.key_filename,
                 known_hosts=self.known_hosts,
+                system_known_hosts=self.system_known_hosts,
                 python=self.python,
                 connect_timeout=self.connect_timeout,
                 env_root=self.env_root,
@@ -146,20 +155,39 @@ class SSH(Provider):
 
 
 class _Reject(paramiko.MissingHostKeyPolicy):
-    def __init__(self, name: str, source: str) -> None:
+    def __init__(self, name: str, source: str, known: KnownHosts | None) -> None:
         self.name = name
         self.source = source
+        self.known = known
 
     def missing_host_key(
         self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey
     ) -> None:
+        revoked = self.known.revoked(hostname, key) if self.known is not None else None
+        if revoked is not None:
+            raise _revoked(self.name, hostname, key, revoked)
+        authority = self.known.authority_for(hostname) if self.known is not None else None
+        note = (
+            f" ({authority} trusts a certificate authority for this host, but Skyward "
+            "cannot check host certificates: trust the host's own key)"
+            if authority is not None
+            else ""
+        )
         raise HostKeyError(
-            f"{self.name}: host key not trusted: {hostname} is not in {self.source}. It offered "
-            f"a {key.get_name()} key with fingerprint {key.fingerprint}. If that is the "
+            f"{self.name}: host key not trusted: {hostname} is not in {self.source}{note}. It "
+            f"offered a {key.get_name()} key with fingerprint {key.fingerprint}. If that is the "
             f"host's key (check with `ssh-keygen -lf /etc/ssh/ssh_host_*_key.pub` on it), "
             f"trust it with `ssh-keyscan{_port_flag(hostname)} {_bare(hostname)} >> "
             f"~/.ssh/known_hosts` or pass sky.SSH(known_hosts='file') (step: connect)"
         )
+
+
+def _revoked(name: str, hostname: str, key: paramiko.PKey, where: str) -> HostKeyError:
+    return HostKeyError(
+        f"{name}: host key REVOKED: {hostname} offered the {key.get_name()} key "
+        f"{key.fingerprint}, which {where} marks @revoked: it is never accepted. If the host "
+        "has a new key, check it and trust that one (step: connect)"
+    )
 
 
 def _bare(hostname: str) -> str:
@@ -185,6 +213,8 @@ class HostLauncher(Launcher):
             bare ``hostname`` also applies to a non-default ``port``).
         known_hosts: trusted host keys file when ``host_keys`` is not given
             (default ``~/.ssh/known_hosts``).
+        system_known_hosts: system-wide trusted host keys file, read after
+            ``known_hosts`` when ``host_keys`` is not given (``None``: not read).
         python: interpreter on the host that creates the environment.
         connect_timeout: seconds to connect and authenticate.
         env_root: folder on the host holding the environments.
@@ -202,6 +232,7 @@ class HostLauncher(Launcher):
         key_filename: str | None = None,
         host_keys: paramiko.HostKeys | None = None,
         known_hosts: str | None = None,
+        system_known_hosts: str | None = SYSTEM_KNOWN_HOSTS,
         python: str = "python3",
         connect_timeout: float = 30.0,
         env_root: str = DEFAULT_ENV_ROOT,
@@ -215,6 +246,7 @@ class HostLauncher(Launcher):
         self.key_filename = key_filename
         self.host_keys = host_keys
         self.known_hosts = known_hosts
+        self.system_known_hosts = system_known_hosts
         self.python = python
         self.connect_timeout = connect_timeout
         self.env_root = env_root
@@ -271,6 +303,7 @@ class HostLauncher(Launcher):
         t0 = time.monotonic()
         self._log("connect", f"connecting to {self.username}@{self.hostname}:{self.port}")
         client = paramiko.SSHClient()
+        known: KnownHosts | None = None
         if self.host_keys is not None:
             keys = client.get_host_keys()
             for entry, by_type in self.host_keys.items():
@@ -282,12 +315,15 @@ class HostLauncher(Launcher):
             source = "the pinned host keys"
         else:
             path = os.path.expanduser(self.known_hosts or DEFAULT_KNOWN_HOSTS)
-            if os.path.exists(path):
-                client.load_host_keys(path)
-            elif self.known_hosts is not None:
+            if self.known_hosts is not None and not os.path.exists(path):
                 raise self._fail("connect", f"known_hosts file {path} does not exist")
-            source = path
-        client.set_missing_host_key_policy(_Reject(self.name, source))
+            system = self.system_known_hosts
+            known = KnownHosts([path] if system is None else [path, os.path.expanduser(system)])
+            name = self._known_hosts_name()
+            for key in known.trusted(name):
+                client.get_host_keys().add(name, key.get_name(), key)
+            source = " or ".join([path, *(p for p in known.paths if p != path)])
+        client.set_missing_host_key_policy(_Reject(self.name, source, known))
         key_filename = os.path.expanduser(self.key_filename) if self.key_filename else None
         if key_filename is not None and not os.path.exists(key_filename):
             raise self._fail(
@@ -314,6 +350,10 @@ class HostLauncher(Launcher):
                 allow_agent=self.pkey is None and self.key_filename is None,
             )
         except paramiko.BadHostKeyException as exc:
+            name = self._known_hosts_name()
+            revoked = known.revoked(name, exc.key) if known is not None else None
+            if revoked is not None:
+                raise _revoked(self.name, name, exc.key, revoked) from None
             if self.host_keys is None:
                 fix = (
                     f"if the host was reinstalled, remove the old key with `ssh-keygen -R "

@@ -5,10 +5,11 @@ For each ``Compute`` the provider creates, all tagged ``skyward:cluster=<id>``:
 - an SSH key pair generated on the client (the private key never leaves memory),
 - a security group whose only ingress is TCP 22 from the client's public address,
 - the instances, with ``InstanceInitiatedShutdownBehavior="terminate"``, IMDSv2 only,
-  and cloud-init user data that installs a client-generated SSH host key (pinned by
-  the client before its first connection), uv and the image's Python, and a dead-man
-  switch that powers the instance off once no client has been connected for
-  ``idle_shutdown_minutes``.
+  and cloud-init user data (no secret, no key) that first arms a hard lifetime
+  (``max_lifetime_hours``) and a dead-man switch (power off once no client has been
+  logged in for ``idle_shutdown_minutes``), then installs a pinned, checksummed uv and
+  the image's Python. Each instance generates its own SSH host key and prints it on its
+  console, where the client reads it (``ec2:GetConsoleOutput``) and pins it.
 
 Each node is then reached through :class:`skyward.providers.ssh.HostLauncher`, the
 same SSH channel and bootstrap as ``sky.SSH``. Teardown (terminate, wait, delete the
@@ -32,9 +33,9 @@ from skyward.providers.aws.catalog import (
     pick_instance_type,
     resolve_ami,
 )
-from skyward.providers.aws.cli import cleanup, cli
+from skyward.providers.aws.cli import cleanup, cli, leftovers
 from skyward.providers.aws.ec2 import TAG
-from skyward.providers.aws.keys import KeyPair
+from skyward.providers.aws.keys import KeyPair, console_host_key, console_host_keys
 from skyward.providers.aws.provider import AWS, checkip, public_address
 from skyward.providers.aws.teardown import ClusterResources, destroy_cluster
 from skyward.providers.aws.userdata import render_user_data
@@ -49,8 +50,11 @@ __all__ = [
     "checkip",
     "cleanup",
     "cli",
+    "console_host_key",
+    "console_host_keys",
     "destroy_cluster",
     "instance_architecture",
+    "leftovers",
     "pick_instance_type",
     "public_address",
     "render_user_data",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import os
+import secrets
 import socket
 import threading
 import time
@@ -27,12 +28,14 @@ from skyward.providers.aws.catalog import (
     pick_instance_type,
     resolve_ami,
 )
-from skyward.providers.aws.keys import Address, KeyPair, pinned_host_keys
+from skyward.providers.aws.keys import Address, KeyPair, console_host_key, pinned_host_keys
 from skyward.providers.aws.teardown import ClusterResources, remove_cluster
 from skyward.providers.aws.userdata import REMOTE_PYTHON, SETUP_PENDING, render_user_data
 from skyward.waits import retries
 
 if TYPE_CHECKING:
+    import paramiko
+
     from skyward.providers.ssh import HostLauncher
 
 __all__ = ["AWS", "checkip", "public_address"]
@@ -78,7 +81,9 @@ class AWS(Provider):
         user: login user of the AMI (``ec2-user`` on Amazon Linux, ``ubuntu`` on Ubuntu).
         arch: CPU architecture when the instance type is chosen for you.
         idle_shutdown_minutes: the dead-man switch: an instance powers itself off (and so
-            terminates) after this long without a connected client.
+            terminates) after this long without a logged-in client.
+        max_lifetime_hours: the hard limit: an instance powers itself off this long after
+            it booted, whatever happens (armed first thing at boot).
         start_timeout: seconds allowed for the instances to run and accept SSH.
         teardown_timeout: seconds allowed for termination and deletion at the end.
         poll_interval: seconds between EC2 state polls.
@@ -92,8 +97,6 @@ class AWS(Provider):
             (default :func:`public_address`).
         ssh_key: advanced/tests: path of a private key to log in with (and to import as
             the key pair) instead of a fresh per-cluster key.
-        host_key: advanced/tests: path of the private host key to hand to the instances
-            (and pin) instead of a fresh per-cluster key.
         public_ip_lookup: advanced/tests: returns this client's CIDR when ``ssh_cidr`` is
             not given (default :func:`checkip`).
     """
@@ -110,6 +113,7 @@ class AWS(Provider):
         user: str = "ec2-user",
         arch: Architecture = "x86_64",
         idle_shutdown_minutes: float = 15.0,
+        max_lifetime_hours: float = 12.0,
         start_timeout: float = 600.0,
         teardown_timeout: float = 300.0,
         poll_interval: float = 5.0,
@@ -121,7 +125,6 @@ class AWS(Provider):
         env_root: str | None = None,
         resolve_address: AddressResolver = public_address,
         ssh_key: str | os.PathLike[str] | None = None,
-        host_key: str | os.PathLike[str] | None = None,
         public_ip_lookup: Callable[[], str] = checkip,
     ) -> None:
         api.boto3_module()
@@ -136,6 +139,7 @@ class AWS(Provider):
                 ) from exc
         for name, value in [
             ("idle_shutdown_minutes", idle_shutdown_minutes),
+            ("max_lifetime_hours", max_lifetime_hours),
             ("start_timeout", start_timeout),
             ("teardown_timeout", teardown_timeout),
             ("poll_interval", poll_interval),
@@ -151,6 +155,7 @@ class AWS(Provider):
         self.user = user
         self.arch: Architecture = arch
         self.idle_shutdown_minutes = idle_shutdown_minutes
+        self.max_lifetime_hours = max_lifetime_hours
         self.start_timeout = start_timeout
         self.teardown_timeout = teardown_timeout
         self.poll_interval = poll_interval
@@ -162,7 +167,6 @@ class AWS(Provider):
         self.env_root = env_root
         self.resolve_address = resolve_address
         self.ssh_key = KeyPair.load(ssh_key) if ssh_key is not None else None
-        self.host_key = KeyPair.load(host_key) if host_key is not None else None
         self.public_ip_lookup = public_ip_lookup
 
     def __repr__(self) -> str:
@@ -208,7 +212,6 @@ class AWS(Provider):
         ami = self.ami or resolve_ami(ssm, self.ami_parameter.format(arch=arch))
         cidr = self.ssh_cidr or self.public_ip_lookup()
         login = self.ssh_key or KeyPair.generate()
-        host_key = self.host_key or KeyPair.generate()
         api.say(
             f"cluster {cluster_id}: starting {spec.nodes} x {instance_type}"
             f"{' (spot)' if self.spot else ''} from {ami}, SSH from {cidr}",
@@ -216,11 +219,13 @@ class AWS(Provider):
         )
 
         name = f"skyward-{cluster_id}"
-        created.key_names.append(name)
         ec2.import_key_pair(
             KeyName=name, PublicKeyMaterial=login.public.encode(),
             TagSpecifications=api.tags("key-pair", cluster_id),
         )  # fmt: skip
+        # Recorded once it is ours: a failed import (the name taken) must not make the
+        # teardown delete someone else's key pair.
+        created.key_names.append(name)
         group_args: dict[str, Any] = {}
         if self.subnet_id is not None:
             subnet = ec2.describe_subnets(SubnetIds=[self.subnet_id])["Subnets"][0]
@@ -240,12 +245,16 @@ class AWS(Provider):
             "MinCount": spec.nodes,
             "MaxCount": spec.nodes,
             "KeyName": name,
-            "UserData": render_user_data(host_key, spec.image.python, self.idle_shutdown_minutes),
+            "UserData": render_user_data(
+                spec.image.python, self.idle_shutdown_minutes, self.max_lifetime_hours, self.user
+            ),
             "InstanceInitiatedShutdownBehavior": "terminate",
             "MetadataOptions": {
                 "HttpTokens": "required", "HttpEndpoint": "enabled", "HttpPutResponseHopLimit": 1,
             },
             "TagSpecifications": api.tags("instance", cluster_id) + api.tags("volume", cluster_id),
+            # Idempotent: a retried request (lost reply) cannot start a second set.
+            "ClientToken": f"skyward-{cluster_id}-{secrets.token_hex(8)}",
         }  # fmt: skip
         if self.subnet_id is not None:
             run_args["NetworkInterfaces"] = [{
@@ -281,12 +290,12 @@ class AWS(Provider):
                 "username": self.user,
                 "image": spec.image,
                 "pkey": login.pkey,
-                "host_keys": pinned_host_keys(address, host_key.pkey),
                 "python": self.python,
             }
             if self.env_root is not None:
                 host_options["env_root"] = self.env_root
             launcher = _EC2Launcher(
+                ec2,
                 instance["InstanceId"],
                 address,
                 deadline,
@@ -357,7 +366,8 @@ _REOPEN_TIMEOUT = 120.0  # seconds for a restarted node to reach its (running) i
 
 
 class _EC2Launcher(Launcher):
-    """Wait for one instance's SSH port, then open it like any SSH host.
+    """Wait for one instance's SSH port and its host key on its console, then open it like
+    any SSH host, with only that key trusted.
 
     While the instance's user data is still installing Python, the interpreter wrapper
     answers :data:`SETUP_PENDING`; the launcher retries until the start deadline.
@@ -365,6 +375,7 @@ class _EC2Launcher(Launcher):
 
     def __init__(
         self,
+        ec2: Any,
         name: str,
         address: Address,
         deadline: float,
@@ -372,6 +383,7 @@ class _EC2Launcher(Launcher):
         progress: bool,
         host_options: dict[str, Any],
     ) -> None:
+        self.ec2 = ec2
         self.name = name
         self.address = address
         self.deadline = deadline
@@ -379,6 +391,7 @@ class _EC2Launcher(Launcher):
         self.progress = progress
         self.host_options = host_options
         self._host: HostLauncher | None = None
+        self._host_key: paramiko.PKey | None = None
         self._opened = 0
         self._lock = threading.Lock()
         self._closed = threading.Event()
@@ -395,12 +408,18 @@ class _EC2Launcher(Launcher):
             previous.close()
         deadline = self.deadline if first else time.monotonic() + _REOPEN_TIMEOUT
         self._wait_for_ssh(deadline)
+        if self._host_key is None:
+            api.say(f"{self.name}: reading its SSH host key from its console", self.progress)
+            self._host_key = console_host_key(
+                self.ec2, self.name, deadline, self.poll, self._closed
+            )
+        pinned = pinned_host_keys(self.address, self._host_key)
         host, port = self.address
         pending: NodeStartError | None = None
         for _ in retries(deadline, self.poll, stop=self._closed):
             if pending is not None:
                 api.say(f"{self.name}: instance still installing Python; retrying", self.progress)
-            launcher = HostLauncher(self.name, host, port, **self.host_options)
+            launcher = HostLauncher(self.name, host, port, host_keys=pinned, **self.host_options)
             with self._lock:
                 if self._closed.is_set():
                     break

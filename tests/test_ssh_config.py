@@ -218,3 +218,28 @@ def test_unknown_host_key_at_the_jump_host_is_refused(
     message = start([bastion])  # the bastion is trusted, the target behind it is not
     assert message.startswith(f"gpu-box: host key not trusted: [{target.address}]:{target.port}")
     assert target.host_key().fingerprint in message
+
+
+def test_doctor_checks_an_alias_through_its_jump_host(
+    ssh_clean: SSHDCluster,
+    ssh_env_root: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from skyward.__main__ import main
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    config = bastion_config(tmp_path, ssh_clean, home)
+    args = [
+        "--ssh-config", config, "--known-hosts", ssh_clean.known_hosts,
+        "--python", sys.executable, "--env-root", ssh_env_root, "--min-free-gb", "0.001",
+    ]  # fmt: skip
+    assert main(["doctor", "ssh", "gpu-box", *args]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[1].strip() for line in out[:-1]] == [
+        "host key", "login", "python", "installer", "disk",
+    ], out  # fmt: skip
+    assert all(line.startswith("ok   gpu-box: ") for line in out[:-1])
+    assert wait_until(lambda: not ssh_clean.sessions(), 5.0)

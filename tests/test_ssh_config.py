@@ -112,8 +112,12 @@ def test_bad_configs_are_clear_errors(tmp_path: Path) -> None:
 # --- through a bastion -----------------------------------------------------------------------
 
 
-def bastion_config(tmp_path: Path, cluster: SSHDCluster, home: Path) -> str:
-    """``gpu-box`` is hosts[1], reached through ``bastion`` (hosts[0]); keys under ~/.ssh."""
+@pytest.fixture
+def jump_config(ssh_clean: SSHDCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """An ssh config where ``gpu-box`` is hosts[1], reached through ``bastion`` (hosts[0]),
+    both with the key ``~/.ssh/id_test`` of a temporary home."""
+    cluster, home = ssh_clean, tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
     bastion, target = cluster.hosts[0], cluster.hosts[1]
     (home / ".ssh").mkdir(parents=True)
     shutil.copy(cluster.key_filename, home / ".ssh" / "id_test")
@@ -156,18 +160,12 @@ def where() -> str:
 
 
 def test_alias_with_proxyjump_runs_tasks_through_the_bastion_and_closes_both(
-    ssh_clean: SSHDCluster,
-    ssh_env_root: str,
-    ssh_wheelhouse: str,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    ssh_clean: SSHDCluster, ssh_env_root: str, ssh_wheelhouse: str, jump_config: str
 ) -> None:
-    home = tmp_path / "home"
-    monkeypatch.setenv("HOME", str(home))
     bastion, target = ssh_clean.hosts[0], ssh_clean.hosts[1]
     provider = sky.SSH(
         ["gpu-box"],
-        ssh_config=bastion_config(tmp_path, ssh_clean, home),
+        ssh_config=jump_config,
         known_hosts=ssh_clean.known_hosts,
         python=sys.executable,
         env_root=ssh_env_root,
@@ -187,15 +185,9 @@ def test_alias_with_proxyjump_runs_tasks_through_the_bastion_and_closes_both(
 
 
 def test_unknown_host_key_at_the_jump_host_is_refused(
-    ssh_clean: SSHDCluster,
-    ssh_env_root: str,
-    ssh_wheelhouse: str,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    ssh_clean: SSHDCluster, ssh_env_root: str, ssh_wheelhouse: str, jump_config: str, tmp_path: Path
 ) -> None:
-    home = tmp_path / "home"
-    monkeypatch.setenv("HOME", str(home))
-    config = bastion_config(tmp_path, ssh_clean, home)
+    config = jump_config
     bastion, target = ssh_clean.hosts[0], ssh_clean.hosts[1]
     image = sky.Image(wheelhouse=ssh_wheelhouse)
 
@@ -221,19 +213,12 @@ def test_unknown_host_key_at_the_jump_host_is_refused(
 
 
 def test_doctor_checks_an_alias_through_its_jump_host(
-    ssh_clean: SSHDCluster,
-    ssh_env_root: str,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
+    ssh_clean: SSHDCluster, ssh_env_root: str, jump_config: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from skyward.__main__ import main
 
-    home = tmp_path / "home"
-    monkeypatch.setenv("HOME", str(home))
-    config = bastion_config(tmp_path, ssh_clean, home)
     args = [
-        "--ssh-config", config, "--known-hosts", ssh_clean.known_hosts,
+        "--ssh-config", jump_config, "--known-hosts", ssh_clean.known_hosts,
         "--python", sys.executable, "--env-root", ssh_env_root, "--min-free-gb", "0.001",
     ]  # fmt: skip
     assert main(["doctor", "ssh", "gpu-box", *args]) == 0

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, TextIO
+from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 if TYPE_CHECKING:
     import argparse
@@ -75,13 +75,17 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     ssh.add_argument("hosts", nargs="+", help="host, user@host, host:port or ssh config alias")
     ssh.add_argument("--user", help="login name (default: ssh config, else yours)")
     ssh.add_argument("--port", type=int, help="SSH port (default: ssh config, else 22)")
-    ssh.add_argument("--key", help="private key file (default: ssh config, agent, ~/.ssh/id_*)")
+    ssh.add_argument(
+        "--key", dest="key_filename", help="private key (default: ssh config, agent, ~/.ssh/id_*)"
+    )
     ssh.add_argument("--known-hosts", help="trusted host keys (default ~/.ssh/known_hosts)")
     ssh.add_argument("--ssh-config", help="ssh client config (default ~/.ssh/config; 'none')")
     ssh.add_argument("--python", default="python3", help="interpreter on the hosts")
     ssh.add_argument("--env-root", help="environments folder on the hosts")
     ssh.add_argument("--min-free-gb", type=float, default=2.0, help="free disk wanted (GiB)")
-    ssh.add_argument("--timeout", type=float, default=10.0, help="seconds to connect")
+    ssh.add_argument(
+        "--timeout", dest="connect_timeout", type=float, default=10.0, help="seconds to connect"
+    )
     ssh.set_defaults(run=_ssh)
 
     aws = targets.add_parser("aws", help="check AWS credentials, region, quota and cost")
@@ -96,22 +100,23 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     aws.set_defaults(run=_aws)
 
 
+# The options handed to the provider as they are (argparse dest = parameter name).
+_SSH_OPTIONS = ("user", "port", "key_filename", "known_hosts", "ssh_config", "python",
+                "connect_timeout", "env_root")  # fmt: skip
+_AWS_OPTIONS = ("region", "instance_type", "spot", "ssh_cidr", "endpoint_url", "max_hourly_cost")
+
+
+def _given(args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, Any]:
+    """The options among ``names`` given on the command line (None: the provider's default)."""
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
 def _ssh(args: argparse.Namespace) -> int:
     from skyward.doctor.ssh import check_ssh
-    from skyward.providers.ssh import DEFAULT_ENV_ROOT, SSH
+    from skyward.providers.ssh import SSH
 
     try:
-        provider = SSH(
-            args.hosts,
-            user=args.user,
-            port=args.port,
-            key_filename=args.key,
-            known_hosts=args.known_hosts,
-            ssh_config=args.ssh_config,
-            python=args.python,
-            connect_timeout=args.timeout,
-            env_root=args.env_root or DEFAULT_ENV_ROOT,
-        )
+        provider = SSH(args.hosts, **_given(args, _SSH_OPTIONS))
     except (TypeError, ValueError) as exc:
         return report([fail("ssh", "arguments", str(exc), "correct the hosts or the options")])
     return report(check_ssh(provider, min_free_gb=args.min_free_gb))
@@ -123,15 +128,7 @@ def _aws(args: argparse.Namespace) -> int:
     try:
         from skyward.providers.aws import AWS
 
-        provider = AWS(
-            region=args.region,
-            instance_type=args.instance_type,
-            spot=args.spot,
-            ssh_cidr=args.ssh_cidr,
-            endpoint_url=args.endpoint_url,
-            max_hourly_cost=args.max_hourly_cost,
-            progress=False,
-        )
+        provider = AWS(progress=False, **_given(args, _AWS_OPTIONS))
     except ImportError as exc:
         return report([fail("aws", "boto3", str(exc), "pip install 'skyward[aws]'")])
     except ValueError as exc:

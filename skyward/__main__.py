@@ -1,10 +1,12 @@
-"""Command line: ``python -m skyward plugins | doctor | aws cleanup``."""
+"""Command line: ``python -m skyward plugins | doctor ssh|aws | aws cleanup``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Sequence
+
+from skyward.doctor import add_parser as add_doctor
 
 
 def _plugins(_: argparse.Namespace) -> int:
@@ -31,6 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m skyward", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("plugins", help="list installed plugins").set_defaults(run=_plugins)
+    add_doctor(commands)
     aws_parser = commands.add_parser("aws", help="AWS helpers")
     aws_commands = aws_parser.add_subparsers(dest="aws_command", required=True)
     cleanup = aws_commands.add_parser("cleanup", help="remove resources Skyward left behind")

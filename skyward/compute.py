@@ -439,11 +439,13 @@ class Compute(Executor):
         usage = ", ".join(
             f"{name} {_utilization(n, elapsed):.0%}" for name, n in stats["nodes"].items()
         )
+        extra = self.provider.summary(self.cluster_id)
         return (
             f"cluster {self.cluster_id} summary: {tasks.get('completed', 0)} task(s) done, "
             f"{tasks.get('retried', 0)} retried, {tasks.get('failed', 0)} failed, "
             f"{tasks.get('cancelled', 0)} cancelled; sent {_size(sent)}, received "
             f"{_size(received)} in {elapsed:.1f}s; utilization {usage or 'n/a'}"
+            f"{f'; {extra}' if extra else ''}"
         )
 
     def __exit__(

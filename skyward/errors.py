@@ -6,7 +6,7 @@ For now the errors of starting and removing nodes, which every provider raises
 
 from __future__ import annotations
 
-__all__ = ["AWSCleanupError", "BootstrapError", "HostKeyError", "NodeStartError"]
+__all__ = ["AWSCleanupError", "BootstrapError", "CostLimitError", "HostKeyError", "NodeStartError"]
 
 
 class NodeStartError(RuntimeError):
@@ -27,3 +27,7 @@ class BootstrapError(RuntimeError):
 
 class AWSCleanupError(RuntimeError):
     """Some AWS resources of a cluster could not be removed (the message says which)."""
+
+
+class CostLimitError(ValueError):
+    """A cluster's estimated hourly cost is above ``sky.AWS(max_hourly_cost=...)``."""

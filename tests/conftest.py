@@ -56,6 +56,20 @@ def wait_until(condition: Callable[[], bool], timeout: float = 5.0, step: float 
     return condition()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _no_user_ssh_config() -> Iterator[None]:
+    """Tests never read the real user's ~/.ssh/config: sky.SSH's default is a path that
+    does not exist (tests that need a configuration pass ssh_config= explicitly)."""
+    from skyward.providers import ssh_config
+
+    saved = ssh_config.DEFAULT_SSH_CONFIG
+    ssh_config.DEFAULT_SSH_CONFIG = "/nonexistent/skyward-tests/ssh_config"
+    try:
+        yield
+    finally:
+        ssh_config.DEFAULT_SSH_CONFIG = saved
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _pickle_module_by_value(request: pytest.FixtureRequest) -> Iterator[None]:
     """Test modules that set ``PICKLE_BY_VALUE = True`` ship their functions by value:

@@ -12,7 +12,9 @@ everything down. moto's own public IPs are never contacted.
 from __future__ import annotations
 
 import getpass
+import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -345,4 +347,23 @@ def test_running_client_interrupted_or_exiting_removes_everything(
     cluster_id, code, err = moto.run_client(CLIENT, args, "READY", how)
     assert (code != 0) == (how is not None), err
     assert "terminating 2 instance(s)" in err, err
+    assert moto.leftovers(cluster_id) == []
+
+
+def test_exit_summary_shows_instance_hours_and_estimated_cost(
+    moto: Moto, provider: Callable[..., Any], image: sky.Image, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="skyward")
+    with sky.Compute(provider=provider(max_hourly_cost=1.0), nodes=2, image=image) as compute:
+        cluster_id = compute.cluster_id
+        assert compute.submit(served_by).result() in ADDRESSES
+    (summary,) = [
+        r.getMessage()
+        for r in caplog.records
+        if r.getMessage().startswith(f"cluster {cluster_id} summary:")
+    ]
+    assert "1 task(s) done" in summary
+    assert re.search(
+        r"; [0-9.]+ instance-hour\(s\) of c6a\.large, estimated cost \$[0-9.]+$", summary
+    ), summary
     assert moto.leftovers(cluster_id) == []

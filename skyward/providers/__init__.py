@@ -53,3 +53,7 @@ class Provider(ABC):
     @abstractmethod
     def launch(self, spec: ClusterSpec, cleanup: ExitStack) -> list[Launcher]:
         """Return one launcher per node; register teardown of what was created on ``cleanup``."""
+
+    def summary(self, cluster_id: str) -> str | None:
+        """A phrase for the cluster's exit summary (e.g. instance-hours and cost), or None."""
+        return None

@@ -30,6 +30,9 @@ from skyward.channel import Channel, SSHChannel
 from skyward.errors import HostKeyError, NodeStartError
 from skyward.providers import ClusterSpec, Launcher, Provider
 from skyward.providers.known_hosts import SYSTEM_KNOWN_HOSTS, KnownHosts
+from skyward.providers.ssh_config import Host
+from skyward.providers.ssh_config import load as load_ssh_config
+from skyward.providers.ssh_config import resolve as resolve_host
 from skyward.spec import Image
 
 __all__ = ["SSH", "Host", "HostKeyError", "HostLauncher"]
@@ -44,69 +47,46 @@ MAX_PACKET = 32 * 1024
 
 
 @dataclass(frozen=True)
-class Host:
-    """One parsed entry of ``SSH(hosts=[...])``."""
-
-    hostname: str
-    port: int
-    username: str | None
-
-    @classmethod
-    def parse(cls, text: str, user: str | None, port: int) -> Host:
-        """Parse ``host``, ``user@host``, ``host:port``, ``user@[v6addr]:port``."""
-        match = re.fullmatch(
-            r"(?:(?P<user>[^@\s]+)@)?(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:@\s\[\]]+))(?::(?P<port>\d+))?",
-            text.strip(),
-        )
-        if match is None:
-            raise ValueError(
-                f"invalid SSH host {text!r}: use 'host', 'user@host', 'host:port' or "
-                "'user@[ipv6]:port'"
-            )
-        return cls(
-            hostname=match.group("v6") or match.group("host"),
-            port=int(match.group("port") or port),
-            username=match.group("user") or user,
-        )
-
-    @property
-    def label(self) -> str:
-        """``host`` or ``host:port`` (the node name)."""
-        return self.hostname if self.port == 22 else f"{self.hostname}:{self.port}"
-
-
-@dataclass(frozen=True)
 class SSH(Provider):
     """Run one node on each of ``hosts`` over SSH.
 
+    Hosts are looked up in your OpenSSH client configuration like ``ssh`` does (aliases,
+    ``HostName``, ``User``, ``Port``, ``IdentityFile``, ``ProxyJump``; see
+    :mod:`skyward.providers.ssh_config`); explicit arguments win over it.
+
     Args:
-        hosts: ``"host"``, ``"user@host"``, ``"host:port"`` entries; ``Compute(nodes=n)``
-            uses the first ``n`` of them.
-        user: login name for hosts that do not give one (default: your local user name).
-        port: SSH port for hosts that do not give one.
-        key_filename: private key file (``~`` is expanded); by default your SSH agent and
-            ``~/.ssh/id_*``.
-        known_hosts: file of trusted host keys (default ``~/.ssh/known_hosts``; ``~`` is
-            expanded).
+        hosts: ``"host"``, ``"user@host"``, ``"host:port"`` entries (or ssh config aliases);
+            ``Compute(nodes=n)`` uses the first ``n`` of them.
+        user: login name for hosts that do not give one (default: the ssh config's, else
+            your local user name).
+        port: SSH port for hosts that do not give one (default: the ssh config's, else 22).
+        key_filename: private key file (``~`` is expanded), used alone; by default the ssh
+            config's ``IdentityFile`` and your SSH agent, else ``~/.ssh/id_*``.
+        known_hosts: file of trusted host keys, for every host and jump host (default
+            ``~/.ssh/known_hosts``; ``~`` is expanded).
         system_known_hosts: the system-wide file of trusted host keys, read too (its
             entries lose to ``known_hosts``'s for one host and key type); ``None``
             reads only ``known_hosts``.
         python: interpreter on the hosts used to create the environment; it must be the
             client's Python minor version.
-        connect_timeout: seconds to connect and authenticate to each host.
+        connect_timeout: seconds to connect and authenticate to each host (and to each
+            jump host on the way).
         env_root: folder on the hosts holding one environment per image; it must be
             private to the login user (owned by it, not writable by group or others).
+        ssh_config: OpenSSH client configuration file (default ``~/.ssh/config`` when it
+            exists; ``"none"`` reads none).
     """
 
     hosts: Sequence[str]
     user: str | None = None
-    port: int = 22
+    port: int | None = None
     key_filename: str | None = None
     known_hosts: str | None = None
     system_known_hosts: str | None = SYSTEM_KNOWN_HOSTS
     python: str = "python3"
     connect_timeout: float = 30.0
     env_root: str = DEFAULT_ENV_ROOT
+    ssh_config: str | None = None
     _parsed: tuple[Host, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -116,9 +96,14 @@ class SSH(Provider):
         if not hosts:
             raise ValueError("SSH(hosts=[]) is empty: give at least one 'user@host'")
         object.__setattr__(self, "hosts", hosts)
-        object.__setattr__(
-            self, "_parsed", tuple(Host.parse(h, self.user, self.port) for h in hosts)
-        )
+        config = load_ssh_config(self.ssh_config)
+        parsed = tuple(resolve_host(h, config, user=self.user, port=self.port) for h in hosts)
+        object.__setattr__(self, "_parsed", parsed)
+
+    @property
+    def resolved(self) -> tuple[Host, ...]:
+        """Where each of ``hosts`` leads (address, login, keys, jump hosts)."""
+        return self._parsed
 
     def check(self, spec: ClusterSpec) -> None:
         """Refuse more nodes than hosts."""
@@ -136,22 +121,38 @@ class SSH(Provider):
             name = host.label
             if labels.count(name) > 1:
                 name = f"{name}#{labels[:i].count(name) + 1}"
-            launcher = HostLauncher(
-                name,
-                host.hostname,
-                host.port,
-                host.username,
-                image=spec.image,
-                key_filename=self.key_filename,
-                known_hosts=self.known_hosts,
-                system_known_hosts=self.system_known_hosts,
-                python=self.python,
-                connect_timeout=self.connect_timeout,
-                env_root=self.env_root,
-            )
+            jump: HostLauncher | None = None
+            for hop in host.jumps:  # ssh's -l, -p and -i do not apply to jump hosts
+                jump = self._launcher(f"{hop.label} (jump host of {name})", hop, spec, jump)
+            launcher = self._launcher(name, host, spec, jump, self.key_filename)
             cleanup.callback(launcher.close)
             launchers.append(launcher)
         return launchers
+
+    def _launcher(
+        self,
+        name: str,
+        host: Host,
+        spec: ClusterSpec,
+        jump: HostLauncher | None,
+        key_filename: str | None = None,
+    ) -> HostLauncher:
+        return HostLauncher(
+            name,
+            host.hostname,
+            host.port,
+            host.username,
+            image=spec.image,
+            key_filename=key_filename,
+            identity_files=() if key_filename else host.identity_files,
+            identities_only=host.identities_only,
+            jump=jump,
+            known_hosts=self.known_hosts,
+            system_known_hosts=self.system_known_hosts,
+            python=self.python,
+            connect_timeout=self.connect_timeout,
+            env_root=self.env_root,
+        )
 
 
 class _Reject(paramiko.MissingHostKeyPolicy):
@@ -207,7 +208,13 @@ class HostLauncher(Launcher):
         name: the node name (prefix of its forwarded output).
         hostname, port, username: where to log in (username defaults to the local user).
         image: what the node's environment holds.
-        pkey, key_filename: client key (else the SSH agent and ``~/.ssh/id_*``).
+        pkey, key_filename: client key, used alone (else the SSH agent and ``~/.ssh/id_*``).
+        identity_files: keys to try besides the SSH agent's when neither ``pkey`` nor
+            ``key_filename`` is given (the ssh config's ``IdentityFile``; missing files are
+            skipped, as ssh does); with ``identities_only`` the agent is not asked.
+        jump: the launcher of the jump host this host is reached through (ProxyJump): its
+            connection carries this one in a ``direct-tcpip`` channel, its host key is
+            checked too, and closing this launcher closes it.
         host_keys: pinned host keys; when given, only these are accepted. Entries are
             named like known_hosts lines: ``host`` or ``[host]:port`` (an entry for the
             bare ``hostname`` also applies to a non-default ``port``).
@@ -230,6 +237,9 @@ class HostLauncher(Launcher):
         image: Image,
         pkey: paramiko.PKey | None = None,
         key_filename: str | None = None,
+        identity_files: Sequence[str] = (),
+        identities_only: bool = False,
+        jump: HostLauncher | None = None,
         host_keys: paramiko.HostKeys | None = None,
         known_hosts: str | None = None,
         system_known_hosts: str | None = SYSTEM_KNOWN_HOSTS,
@@ -244,6 +254,9 @@ class HostLauncher(Launcher):
         self.image = image
         self.pkey = pkey
         self.key_filename = key_filename
+        self.identity_files = tuple(identity_files)
+        self.identities_only = identities_only
+        self.jump = jump
         self.host_keys = host_keys
         self.known_hosts = known_hosts
         self.system_known_hosts = system_known_hosts
@@ -301,7 +314,8 @@ class HostLauncher(Launcher):
 
     def _connect(self) -> paramiko.SSHClient:
         t0 = time.monotonic()
-        self._log("connect", f"connecting to {self.username}@{self.hostname}:{self.port}")
+        via = f" through {self.jump.hostname}:{self.jump.port}" if self.jump else ""
+        self._log("connect", f"connecting to {self.username}@{self.hostname}:{self.port}{via}")
         client = paramiko.SSHClient()
         known: KnownHosts | None = None
         if self.host_keys is not None:
@@ -324,16 +338,13 @@ class HostLauncher(Launcher):
                 client.get_host_keys().add(name, key.get_name(), key)
             source = " or ".join([path, *(p for p in known.paths if p != path)])
         client.set_missing_host_key_policy(_Reject(self.name, source, known))
-        key_filename = os.path.expanduser(self.key_filename) if self.key_filename else None
-        if key_filename is not None and not os.path.exists(key_filename):
-            raise self._fail(
-                "connect",
-                f"key file {key_filename} does not exist: check sky.SSH(key_filename=...)",
-            )
+        key_files = self._key_files()
         with self._lock:
             if self._closed:
                 raise self._fail("connect", "the cluster is shutting down")
-            self._client = client
+            previous, self._client = self._client, client
+        if previous is not None:  # a restart: the lost node's connection goes
+            previous.close()
         try:
             sock = self._socket()
             client.connect(
@@ -341,13 +352,17 @@ class HostLauncher(Launcher):
                 self.port,
                 self.username,
                 pkey=self.pkey,
-                key_filename=key_filename,
+                key_filename=key_files or None,  # type: ignore[arg-type]  # a list works
                 timeout=self.connect_timeout,
                 banner_timeout=self.connect_timeout,
                 auth_timeout=self.connect_timeout,
                 sock=sock,
-                look_for_keys=self.pkey is None and self.key_filename is None,
-                allow_agent=self.pkey is None and self.key_filename is None,
+                look_for_keys=self.pkey is None
+                and not self.key_filename
+                and not self.identity_files,
+                allow_agent=self.pkey is None
+                and not self.key_filename
+                and not self.identities_only,
             )
         except paramiko.BadHostKeyException as exc:
             name = self._known_hosts_name()
@@ -390,13 +405,57 @@ class HostLauncher(Launcher):
     def _known_hosts_name(self) -> str:
         return self.hostname if self.port == 22 else f"[{self.hostname}]:{self.port}"
 
-    def _socket(self) -> socket.socket:
+    def _key_files(self) -> list[str]:
+        """The key files to offer: ``key_filename`` (must exist), else the configured
+        identity files that exist."""
+        if self.key_filename:
+            path = os.path.expanduser(self.key_filename)
+            if not os.path.exists(path):
+                raise self._fail(
+                    "connect", f"key file {path} does not exist: check sky.SSH(key_filename=...)"
+                )
+            return [path]
+        found = [path for path in self.identity_files if os.path.exists(path)]
+        for path in sorted(set(self.identity_files) - set(found)):
+            log.debug("%s: IdentityFile %s does not exist; skipped", self.name, path)
+        return found
+
+    def _socket(self) -> socket.socket | paramiko.Channel:
+        if self.jump is not None:
+            return self._jump_channel(self.jump)
         sock = socket.create_connection((self.hostname, self.port), timeout=self.connect_timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if hasattr(socket, "TCP_USER_TIMEOUT"):
             # Unacknowledged data for 30 s fails the connection instead of hanging it.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 30_000)
         return sock
+
+    def _jump_channel(self, jump: HostLauncher) -> paramiko.Channel:
+        """Log in to the jump host (its host key checked like any host's) and open a
+        ``direct-tcpip`` channel from it to this host: the socket of this connection."""
+        transport = jump.connect().get_transport()
+        try:
+            if transport is None or not transport.is_active():
+                raise ConnectionError("the connection to the jump host was closed")
+            return transport.open_channel(
+                "direct-tcpip",
+                (self.hostname, self.port),
+                ("127.0.0.1", 0),
+                timeout=self.connect_timeout,
+            )
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            raise self._fail(
+                "connect",
+                f"the jump host {jump.hostname}:{jump.port} could not reach "
+                f"{self.hostname}:{self.port} ({type(exc).__name__}: {exc}): check the "
+                "HostName and Port as the jump host sees them, and that it may forward "
+                "(AllowTcpForwarding in its sshd_config)",
+            ) from None
+
+    def connect(self) -> paramiko.SSHClient:
+        """Connect and log in (through the jump hosts; every host key checked). The
+        connection stays this launcher's: :meth:`close` ends it."""
+        return self._connect()
 
     def _start_agent(self, client: paramiko.SSHClient, command: str) -> SSHChannel:
         self._log("start agent", f"starting the agent on {self.name}")
@@ -417,9 +476,12 @@ class HostLauncher(Launcher):
         self.close()
 
     def close(self) -> None:
-        """Close the SSH connection (agents on it get EOF and exit). Idempotent."""
+        """Close the SSH connection (agents on it get EOF and exit), then the jump host's.
+        Idempotent."""
         with self._lock:
             self._closed = True
             client, self._client = self._client, None
         if client is not None:
             client.close()
+        if self.jump is not None:
+            self.jump.close()

@@ -1,12 +1,16 @@
-"""Choosing what to run: the instance catalogue, its prices, the architecture and the AMI."""
+"""Choosing what to run and what it costs: the instance catalogue, its prices, the
+architecture, the AMI, and the cost estimate of a cluster."""
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from skyward.errors import CostLimitError
 from skyward.providers.aws.ec2 import error_code
 
 __all__ = [
@@ -16,6 +20,10 @@ __all__ = [
     "PRICES_SOURCE",
     "PRICE_PER_VCPU_HOUR",
     "Architecture",
+    "CostEstimate",
+    "RunCost",
+    "estimate_cost",
+    "hourly_price",
     "instance_architecture",
     "pick_instance_type",
     "resolve_ami",
@@ -31,8 +39,9 @@ PRICES_AS_OF = "2026-12-01"
 """When :data:`PRICE_PER_VCPU_HOUR` was taken from :data:`PRICES_SOURCE`."""
 
 # Approximate prices in USD per vCPU-hour (the ".large" size's hourly price / 2; within
-# these families the price scales with the vCPU count). Used only to rank instance types;
-# other regions keep roughly the same order. Refresh with PRICES_AS_OF when families change.
+# these families the price scales with the vCPU count). They rank instance types (other
+# regions keep roughly the same order) and give the cost estimate (see CostEstimate).
+# Refresh with PRICES_AS_OF when families change.
 PRICE_PER_VCPU_HOUR: dict[str, float] = {
     # x86_64
     "c6a": 0.03825, "c5a": 0.0385, "c6i": 0.0425, "c5": 0.0425, "c7i": 0.044625,
@@ -162,3 +171,97 @@ def resolve_ami(ssm: Any, parameter: str) -> str:
                 "sky.AWS(ami='ami-...') or another ami_parameter=..."
             ) from exc
         raise
+
+
+def hourly_price(instance_type: str, vcpus: int) -> float | None:
+    """Approximate on-demand USD per hour of one ``instance_type`` with ``vcpus`` vCPUs,
+    from :data:`PRICE_PER_VCPU_HOUR`; ``None`` for a family the table does not price."""
+    per_vcpu = PRICE_PER_VCPU_HOUR.get(instance_type.split(".")[0])
+    return None if per_vcpu is None else per_vcpu * vcpus
+
+
+def _usd(amount: float) -> str:
+    return f"${amount:.4f}" if amount < 0.01 else f"${amount:.2f}"
+
+
+@dataclass(frozen=True)
+class CostEstimate:
+    """The estimated hourly cost of a cluster of ``nodes`` x ``instance_type``.
+
+    Prices are :data:`PRICE_PER_VCPU_HOUR` (us-east-1, Linux, on-demand, as of
+    :data:`PRICES_AS_OF`), so other regions may cost more. For spot instances the
+    on-demand price is an upper bound: it is the default maximum price of a spot request.
+    """
+
+    instance_type: str
+    nodes: int
+    vcpus: int
+    per_instance: float | None
+    spot: bool = False
+
+    @property
+    def hourly(self) -> float | None:
+        """USD per hour of the whole cluster, or ``None`` when the type is not priced."""
+        return None if self.per_instance is None else self.per_instance * self.nodes
+
+    def __str__(self) -> str:
+        what = f"{self.nodes} x {self.instance_type}{' (spot)' if self.spot else ''}"
+        if self.per_instance is None or self.hourly is None:
+            return (
+                f"estimated cost unknown for {what}: the {self.instance_type.split('.')[0]} "
+                "family has no price in skyward's table"
+            )
+        bound = "at most " if self.spot else ""
+        return (
+            f"estimated cost {bound}{_usd(self.hourly)}/h for {what} at "
+            f"{_usd(self.per_instance)}/h each ({PRICES_SOURCE}, {PRICES_AS_OF})"
+        )
+
+    def enforce(self, limit: float | None) -> None:
+        """Raise :class:`~skyward.errors.CostLimitError` if the estimate is above ``limit``
+        USD per hour (or unknown while a limit is set)."""
+        if limit is None:
+            return
+        if self.hourly is None:
+            raise CostLimitError(
+                f"sky.AWS(max_hourly_cost={limit:g}): no price is known for "
+                f"{self.instance_type}, so the cluster cannot be held to the limit; nothing "
+                "was created. Choose an instance_type of a priced family (see "
+                "skyward.providers.aws.PRICE_PER_VCPU_HOUR) or pass max_hourly_cost=None"
+            )
+        if self.hourly > limit:
+            raise CostLimitError(
+                f"the estimated cost of {self.nodes} x {self.instance_type}, "
+                f"{_usd(self.hourly)}/h, is above sky.AWS(max_hourly_cost={limit:g}) "
+                f"({_usd(limit)}/h); nothing was created. Use fewer or smaller nodes, or "
+                "raise max_hourly_cost"
+            )
+
+
+def estimate_cost(ec2: Any, instance_type: str, nodes: int, spot: bool = False) -> CostEstimate:
+    """The :class:`CostEstimate` of ``nodes`` x ``instance_type`` (its vCPUs from EC2)."""
+    vcpus = int(_instance_type_info(ec2, instance_type)["VCpuInfo"]["DefaultVCpus"])
+    return CostEstimate(instance_type, nodes, vcpus, hourly_price(instance_type, vcpus), spot)
+
+
+@dataclass
+class RunCost:
+    """What a running cluster has used since its instances were started."""
+
+    estimate: CostEstimate
+    started: float = field(default_factory=time.monotonic)
+
+    def instance_hours(self, now: float | None = None) -> float:
+        """Instances x hours since the start (EC2 bills per second, at least 60 s each)."""
+        elapsed = max(0.0, (time.monotonic() if now is None else now) - self.started)
+        return self.estimate.nodes * max(elapsed, 60.0) / 3600
+
+    def __str__(self) -> str:
+        hours = self.instance_hours()
+        cost = (
+            f"estimated cost {'at most ' if self.estimate.spot else ''}"
+            f"{_usd(hours * self.estimate.per_instance)}"
+            if self.estimate.per_instance is not None
+            else f"cost unknown (no price for {self.estimate.instance_type})"
+        )
+        return f"{hours:.3g} instance-hour(s) of {self.estimate.instance_type}, {cost}"

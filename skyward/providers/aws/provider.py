@@ -24,6 +24,8 @@ from skyward.providers.aws.catalog import (
     ARCHITECTURES,
     DEFAULT_AMI_PARAMETER,
     Architecture,
+    RunCost,
+    estimate_cost,
     instance_architecture,
     pick_instance_type,
     resolve_ami,
@@ -99,6 +101,9 @@ class AWS(Provider):
             the key pair) instead of a fresh per-cluster key.
         public_ip_lookup: advanced/tests: returns this client's CIDR when ``ssh_cidr`` is
             not given (default :func:`checkip`).
+        max_hourly_cost: refuse, before creating anything, a cluster whose estimated cost
+            (USD per hour, see :class:`~skyward.providers.aws.catalog.CostEstimate`) is
+            above this.
     """
 
     def __init__(
@@ -126,6 +131,7 @@ class AWS(Provider):
         resolve_address: AddressResolver = public_address,
         ssh_key: str | os.PathLike[str] | None = None,
         public_ip_lookup: Callable[[], str] = checkip,
+        max_hourly_cost: float | None = None,
     ) -> None:
         api.boto3_module()
         if arch not in ARCHITECTURES:
@@ -146,6 +152,8 @@ class AWS(Provider):
         ]:
             if not value > 0:
                 raise ValueError(f"sky.AWS({name}={value!r}) must be > 0")
+        if max_hourly_cost is not None and not max_hourly_cost > 0:
+            raise ValueError(f"sky.AWS(max_hourly_cost={max_hourly_cost!r}) must be > 0 or None")
         self.region = region
         self.instance_type = instance_type
         self.ami = ami
@@ -168,6 +176,8 @@ class AWS(Provider):
         self.resolve_address = resolve_address
         self.ssh_key = KeyPair.load(ssh_key) if ssh_key is not None else None
         self.public_ip_lookup = public_ip_lookup
+        self.max_hourly_cost = max_hourly_cost
+        self._runs: dict[str, RunCost] = {}
 
     def __repr__(self) -> str:
         return (
@@ -209,6 +219,9 @@ class AWS(Provider):
         else:
             arch = self.arch
             instance_type = pick_instance_type(ec2, spec.vcpus, spec.memory, arch, self.spot)
+        cost = estimate_cost(ec2, instance_type, spec.nodes, self.spot)
+        api.say(f"cluster {cluster_id}: {cost}", self.progress)
+        cost.enforce(self.max_hourly_cost)  # before anything is created
         ami = self.ami or resolve_ami(ssm, self.ami_parameter.format(arch=arch))
         cidr = self.ssh_cidr or self.public_ip_lookup()
         login = self.ssh_key or KeyPair.generate()
@@ -281,6 +294,8 @@ class AWS(Provider):
                 f"{_RUN_HINTS.get(code, '')}; the cluster is being removed"
             ) from exc
         created.instance_ids.extend(i["InstanceId"] for i in reply["Instances"])
+        self._runs[cluster_id] = RunCost(cost)
+        cleanup.callback(self._end_run, cluster_id)  # runs before the teardown
 
         instances = self._wait_running(ec2, created.instance_ids, deadline)
         launchers: list[Launcher] = []
@@ -306,6 +321,16 @@ class AWS(Provider):
             cleanup.callback(launcher.close)
             launchers.append(launcher)
         return launchers
+
+    def summary(self, cluster_id: str) -> str | None:
+        """Instance-hours and estimated cost of the cluster so far (for the exit summary)."""
+        run = self._runs.get(cluster_id)
+        return None if run is None else str(run)
+
+    def _end_run(self, cluster_id: str) -> None:
+        run = self._runs.pop(cluster_id, None)
+        if run is not None:
+            api.say(f"cluster {cluster_id}: {run}", self.progress)
 
     def _wait_running(self, ec2: Any, ids: list[str], deadline: float) -> list[dict[str, Any]]:
         started = time.monotonic()

@@ -1,10 +1,12 @@
 """``sky.Compute``: the cluster's lifecycle and the ``concurrent.futures.Executor`` API.
 
-Enter: compose the image from the plugins, let the provider start the nodes,
-open every node's channel concurrently, check versions, start the heartbeat
-monitor, enter each plugin's ``around_client`` in order. Exit (on every path):
-leave the plugins in reverse, cancel what is left, stop every agent, then let
-the provider release what it created.
+Enter: compose the image from the plugins, let the provider create the nodes,
+open them all concurrently and check versions (:mod:`skyward.startup`), start
+the heartbeat monitor that also restarts lost nodes (:mod:`skyward.monitor`),
+enter each plugin's ``around_client`` in order. Exit (on every path): leave the
+plugins in reverse, cancel what is left, stop every agent, then let the provider
+release what it created. :mod:`skyward.safety` runs that exit on SIGTERM and at
+interpreter exit too.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from skyward import safety, wire
+from skyward.channel import Channel
 from skyward.errors import ComputeStateError
 from skyward.messages import Handler, MessageHandlers
 from skyward.monitor import NodeMonitor
@@ -190,14 +193,7 @@ class Compute(Executor):
             "blob_cache_bytes": self.blob_cache_bytes,
             "initializers": initializers,
         }
-        starter = NodeStarter(
-            launchers,
-            hello,
-            self.worker.concurrency,
-            self._blobs,
-            self._messages.deliver,
-            self.connect_timeout,
-        )
+        starter = NodeStarter(launchers, hello, self._new_node, self.connect_timeout)
         self._starter = starter
         scheduler = Scheduler(max_retries=self.max_retries)
         self._scheduler = scheduler
@@ -205,13 +201,7 @@ class Compute(Executor):
         stack.callback(self._stop_nodes)
         self._display.show(lambda: f"{starter.ready}/{len(launchers)} node(s) ready")
         self.nodes = starter.open_all()
-        monitor = NodeMonitor(
-            self.nodes,
-            scheduler,
-            starter,
-            heartbeat_timeout=self.heartbeat_timeout,
-            restarts=self.restarts,
-        )
+        monitor = NodeMonitor(self.nodes, scheduler, starter, self.heartbeat_timeout, self.restarts)
         self._monitor = monitor
         stack.callback(monitor.close)
         scheduler.replace = monitor.replace
@@ -225,6 +215,11 @@ class Compute(Executor):
         else:
             self._display.close()
         stack.enter_context(around_client(self, self._pm, self.plugins))
+
+    def _new_node(self, index: int, channel: Channel) -> Node:
+        node = Node(index, channel, self.worker.concurrency, self._blobs)
+        node.on_message = self._messages.deliver
+        return node
 
     def _task_status(self) -> str:
         tasks = self._scheduler.stats() if self._scheduler is not None else {}

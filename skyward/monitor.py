@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
+from dataclasses import dataclass, field
 
 from skyward.node import Node
 from skyward.scheduler import Scheduler
@@ -21,6 +23,7 @@ from skyward.startup import NodeStarter
 log = logging.getLogger("skyward")
 
 
+@dataclass(eq=False)
 class NodeMonitor:
     """Heartbeats and restarts for the nodes of one cluster.
 
@@ -33,28 +36,20 @@ class NodeMonitor:
         restarts: times each node may be restarted.
     """
 
-    def __init__(
-        self,
-        nodes: list[Node],
-        scheduler: Scheduler,
-        starter: NodeStarter,
-        *,
-        heartbeat_timeout: float,
-        restarts: int,
-    ) -> None:
-        self.nodes = nodes
-        self.heartbeat_timeout = heartbeat_timeout
-        self.restarts = restarts
-        self._scheduler = scheduler
-        self._starter = starter
-        self._restarted = [0] * len(nodes)
-        self._lock = threading.Lock()
-        self._closed = False
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="skyward-monitor", daemon=True)
+    nodes: list[Node]
+    scheduler: Scheduler
+    starter: NodeStarter
+    heartbeat_timeout: float
+    restarts: int
+    _restarted: Counter[int] = field(default_factory=Counter, init=False)
+    _closed: bool = field(default=False, init=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+    _stop: threading.Event = field(default_factory=threading.Event, init=False)
+    _thread: threading.Thread | None = field(default=None, init=False)
 
     def start(self) -> None:
         """Begin sending heartbeats and watching for silent nodes."""
+        self._thread = threading.Thread(target=self._run, name="skyward-monitor", daemon=True)
         self._thread.start()
 
     def stop_restarts(self) -> None:
@@ -66,7 +61,7 @@ class NodeMonitor:
         """Stop restarts and heartbeats (waits a few seconds at most)."""
         self.stop_restarts()
         self._stop.set()
-        if self._thread.ident is not None:
+        if self._thread is not None:
             self._thread.join(5)
 
     def replace(self, node: Node, reason: str) -> bool:
@@ -86,7 +81,7 @@ class NodeMonitor:
         new: Node | None = None
         try:
             if not self._closed:
-                new = self._starter.open(old.index)
+                new = self.starter.open(old.index)
         except Exception as exc:  # noqa: BLE001 - the node stays down; the cluster goes on
             if not self._closed:
                 log.warning("could not restart %s: %s", old.name, exc)
@@ -94,11 +89,11 @@ class NodeMonitor:
         with self._lock:
             if new is not None and not self._closed:
                 self.nodes[old.index] = kept = new
-                new.start(self._scheduler)
+                new.start(self.scheduler)
                 log.info("node %s restarted", new.name)
         if new is not None and kept is None:
             new.stop(timeout=1.0, kill=True)  # the cluster is shutting down
-        self._scheduler.node_replaced(old, kept)
+        self.scheduler.node_replaced(old, kept)
 
     def _run(self) -> None:
         """Send heartbeats; declare a node lost when it has been silent too long."""
@@ -110,7 +105,7 @@ class NodeMonitor:
                     continue
                 silent = now - node.last_heard
                 if silent > self.heartbeat_timeout:
-                    self._scheduler.node_lost(
+                    self.scheduler.node_lost(
                         node,
                         f"no heartbeat for {silent:.1f}s (heartbeat_timeout="
                         f"{self.heartbeat_timeout}s)",

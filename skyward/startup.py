@@ -14,9 +14,9 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, wait
+from dataclasses import dataclass, field
 from typing import Any
 
-from skyward import wire
 from skyward.channel import Channel
 from skyward.errors import NodeStartError
 from skyward.node import Node
@@ -32,46 +32,34 @@ ABORT_GRACE = 1.0
 START_THREADS = 32
 
 
+@dataclass(eq=False)
 class NodeStarter:
     """Opens the nodes of one cluster through their launchers.
 
     Args:
         launchers: one per node, from the provider; node ``i`` is ``launchers[i]``'s.
         hello: what the client's HELLO tells every agent (its node name is added).
-        concurrency: slots per node.
-        blobs: the cluster's registry of large arguments, shared by its nodes.
-        on_message: given to every node for the task messages it receives.
+        new_node: makes the client's end of node ``index`` from its agent's channel.
         timeout: seconds each agent has to say hello.
     """
 
-    def __init__(
-        self,
-        launchers: list[Launcher],
-        hello: dict[str, Any],
-        concurrency: int,
-        blobs: wire.BlobRegistry,
-        on_message: Callable[[Node, bytes], object],
-        timeout: float,
-    ) -> None:
-        self.launchers = launchers
-        self._hello = hello
-        self._concurrency = concurrency
-        self._blobs = blobs
-        self._on_message = on_message
-        self._timeout = timeout
-        self._lock = threading.Lock()
-        # Starts in progress (index -> its channel once the launcher returned it), and
-        # whether they are being aborted (Ctrl-C, shutdown).
-        self._starting: dict[int, Channel | None] = {}
-        self._aborted = False
-        self.ready = 0
-        """Nodes started so far (restarts included)."""
+    launchers: list[Launcher]
+    hello: dict[str, Any]
+    new_node: Callable[[int, Channel], Node]
+    timeout: float
+    ready: int = field(default=0, init=False)
+    """Nodes started so far (restarts included)."""
+    # Starts in progress (index -> its channel once the launcher returned it), and
+    # whether they are being aborted (Ctrl-C, shutdown).
+    _starting: dict[int, Channel | None] = field(default_factory=dict, init=False)
+    _aborted: bool = field(default=False, init=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
 
     def open_all(self) -> list[Node]:
         """Open every node concurrently; on a failure stop them all, on Ctrl-C (or
         SIGTERM) abort the starts in progress.
 
-        An interrupt does not wait for the starts (each bounded by ``timeout``): they
+        An interrupt does not wait for the starts (each bounded in time): they
         are aborted, and one that still finishes later stops what it started itself
         (see :meth:`open`). The start threads are daemons, so none delays exit.
         """
@@ -153,10 +141,9 @@ class NodeStarter:
         if aborted:
             channel.kill()
             raise NodeStartError(f"{launcher.name}: start aborted (step: start agent)")
-        node = Node(index, channel, self._concurrency, self._blobs)
-        node.on_message = self._on_message
+        node = self.new_node(index, channel)
         try:
-            node.handshake({"node": launcher.name, **self._hello}, self._timeout)
+            node.handshake({"node": launcher.name, **self.hello}, self.timeout)
         except BaseException:
             node.stop(timeout=1.0, kill=True)
             raise

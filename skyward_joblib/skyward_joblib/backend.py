@@ -25,8 +25,8 @@ from joblib._parallel_backends import (
     ThreadingBackend,
 )
 
-from skyward.compute import current
-from skyward.errors import ComputeStateError, NoWorkersError
+from skyward.compute import ComputeStateError, current
+from skyward.scheduler import NoWorkersError
 from skyward_joblib import activation
 from skyward_joblib.feeder import feeder
 from skyward_joblib.worker import RemoteBatch, in_agent

@@ -1,57 +1,47 @@
 """``sky.Compute``: the cluster's lifecycle and the ``concurrent.futures.Executor`` API.
 
-Enter: compose the image from the plugins, let the provider start the nodes,
-open every node's channel concurrently, check versions, start the heartbeat
-monitor, enter each plugin's ``around_client`` in order. Exit (on every path):
-leave the plugins in reverse, cancel what is left, stop every agent, then let
-the provider release what it created.
+Enter: compose the image from the plugins, let the provider create the nodes,
+open them all concurrently and check versions (:mod:`skyward.startup`), start
+the heartbeat monitor that also restarts lost nodes (:mod:`skyward.monitor`),
+enter each plugin's ``around_client`` in order. Exit (on every path): leave the
+plugins in reverse, cancel what is left, stop every agent, then let the provider
+release what it created. :mod:`skyward.safety` runs that exit on SIGTERM and at
+interpreter exit too.
 """
 
 from __future__ import annotations
 
-import atexit
 import logging
-import signal
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Executor, Future, wait
+from concurrent.futures import Executor, Future
 from contextlib import ExitStack
 from types import TracebackType
 from typing import Any, TypeVar
 
-from skyward import wire
+from skyward import safety, wire
 from skyward.channel import Channel
+from skyward.errors import ComputeStateError
 from skyward.messages import Handler, MessageHandlers
-from skyward.node import Node, NodeStartError
+from skyward.monitor import NodeMonitor
+from skyward.node import Node
 from skyward.plugins import around_client, compose_image, manager, worker_initializers
 from skyward.progress import Progress, rate
-from skyward.providers import ClusterSpec, Launcher, Provider
+from skyward.providers import ClusterSpec, Provider
 from skyward.providers.local import Local
+from skyward.safety import current
 from skyward.scheduler import Scheduler
 from skyward.spec import Image, Worker
+from skyward.startup import NodeStarter
+from skyward.waits import retries
+
+__all__ = ["Call", "Compute", "current"]
 
 log = logging.getLogger("skyward")
 
 T = TypeVar("T")
-
-_active: list[Compute] = []
-_active_lock = threading.Lock()
-
-# Seconds an interrupted start-up waits for the aborted node starts to end (each kills
-# what it started itself if it ends later).
-_ABORT_GRACE = 1.0
-
-
-def current() -> Compute | None:
-    """The innermost running ``Compute`` of this process, if any."""
-    with _active_lock:
-        return _active[-1] if _active else None
-
-
-class ComputeStateError(RuntimeError):
-    """A ``Compute`` was used outside its ``with`` block, or entered twice."""
 
 
 class Compute(Executor):
@@ -126,28 +116,21 @@ class Compute(Executor):
         self.memory = memory
         self.max_retries = max_retries
         self.restarts = restarts
-        self._launchers: list[Launcher] = []
-        self._restarted: list[int] = []
-        # Node starts in progress (index -> its channel once the launcher returned it),
-        # and whether they are being aborted (Ctrl-C, a failed start, shutdown).
-        self._starting: dict[int, Channel | None] = {}
-        self._aborted = False
         self.heartbeat_timeout = heartbeat_timeout
         self.connect_timeout = connect_timeout
         self.progress = progress
         self.blob_cache_bytes = blob_cache_bytes
         self._display = Progress()
-        self._ready_count = 0
         self.cluster_id = uuid.uuid4().hex[:12]
         self.image: Image = self.base_image
         self._state = "new"
         self._lock = threading.Lock()
         self._stack: ExitStack | None = None
         self._scheduler: Scheduler | None = None
+        self._starter: NodeStarter | None = None
+        self._monitor: NodeMonitor | None = None
         self._blobs = wire.BlobRegistry()
         self._messages = MessageHandlers()
-        self._initializers: list[str] = []
-        self._monitor_stop = threading.Event()
         self._started_at = 0.0
         self.nodes: list[Node] = []
 
@@ -190,38 +173,42 @@ class Compute(Executor):
     def _start(self, stack: ExitStack) -> None:
         self.image = compose_image(self.base_image, self._pm, self.plugins)
         spec = ClusterSpec(
-            nodes=self.node_count,
-            worker=self.worker,
-            image=self.image,
-            cluster_id=self.cluster_id,
-            vcpus=self.vcpus,
-            memory=self.memory,
+            self.node_count, self.worker, self.image, self.cluster_id, self.vcpus, self.memory
         )
         self.provider.check(spec)
-        self._initializers = worker_initializers(self._pm, self.plugins)
+        initializers = worker_initializers(self._pm, self.plugins)
         # From here on SIGTERM and interpreter exit unwind into the teardown, so a
         # provider interrupted while creating machines still removes them.
-        _register(self, stack)
+        safety.register(self, stack)
         stack.callback(self._blobs.clear)
         stack.callback(self._messages.close)
         t0 = time.monotonic()
         launchers = self.provider.launch(spec, stack)
         log.info("provisioned %d node(s) in %.2fs", len(launchers), time.monotonic() - t0)
-        self._launchers = launchers
-        self._restarted = [0] * len(launchers)
+        hello = {
+            "concurrency": self.worker.concurrency,
+            "executor": self.worker.executor,
+            "env": dict(self.image.env),
+            "idle_timeout": max(60.0, 6 * self.heartbeat_timeout),
+            "blob_cache_bytes": self.blob_cache_bytes,
+            "initializers": initializers,
+        }
+        starter = NodeStarter(launchers, hello, self._new_node, self.connect_timeout)
+        self._starter = starter
         scheduler = Scheduler(max_retries=self.max_retries)
-        scheduler.replace = self._replace
         self._scheduler = scheduler
         stack.callback(scheduler.stop)
         stack.callback(self._stop_nodes)
-        self.nodes = self._connect()
+        self._display.show(lambda: f"{starter.ready}/{len(launchers)} node(s) ready")
+        self.nodes = starter.open_all()
+        monitor = NodeMonitor(self.nodes, scheduler, starter, self.heartbeat_timeout, self.restarts)
+        self._monitor = monitor
+        stack.callback(monitor.close)
+        scheduler.replace = monitor.replace
         for node in self.nodes:
             node.start(scheduler)
         scheduler.add_nodes(self.nodes)
-        monitor = threading.Thread(target=self._monitor, name="skyward-monitor", daemon=True)
         monitor.start()
-        stack.callback(monitor.join, 5)
-        stack.callback(self._monitor_stop.set)
         stack.callback(self._display.close)
         if self.progress:
             self._display.show(self._task_status)
@@ -229,179 +216,10 @@ class Compute(Executor):
             self._display.close()
         stack.enter_context(around_client(self, self._pm, self.plugins))
 
-    def _open_node(self, index: int) -> Node:
-        """Start node ``index``'s agent through its launcher and shake hands (bounded).
-
-        :meth:`_abort_starts` can end it from another thread at any step; whatever it
-        started is then stopped here.
-        """
-        launcher = self._launchers[index]
-        t0 = time.monotonic()
-        with self._lock:
-            if self._aborted:
-                raise NodeStartError(f"{launcher.name}: start aborted (step: start agent)")
-            self._starting[index] = None
-        try:
-            node = self._start_and_greet(index, launcher)
-        finally:
-            with self._lock:
-                self._starting.pop(index, None)
-                aborted = self._aborted
-        if aborted:
-            node.stop(timeout=1.0, kill=True)
-            raise NodeStartError(f"{launcher.name}: start aborted (step: handshake)")
-        log.info("node %s ready in %.2fs (pid %s)", node.name, time.monotonic() - t0, node.pid)
-        with self._lock:
-            self._ready_count += 1
-        return node
-
-    def _start_and_greet(self, index: int, launcher: Launcher) -> Node:
-        try:
-            channel = launcher.open()
-        except NodeStartError:
-            raise
-        except Exception as exc:
-            raise NodeStartError(
-                f"{launcher.name}: {type(exc).__name__}: {exc} (step: start agent)"
-            ) from exc
-        with self._lock:
-            aborted = self._aborted
-            if not aborted:
-                self._starting[index] = channel
-        if aborted:
-            channel.kill()
-            raise NodeStartError(f"{launcher.name}: start aborted (step: start agent)")
+    def _new_node(self, index: int, channel: Channel) -> Node:
         node = Node(index, channel, self.worker.concurrency, self._blobs)
-        config = {
-            "node": launcher.name,
-            "concurrency": self.worker.concurrency,
-            "executor": self.worker.executor,
-            "env": dict(self.image.env),
-            "idle_timeout": max(60.0, 6 * self.heartbeat_timeout),
-            "blob_cache_bytes": self.blob_cache_bytes,
-            "initializers": self._initializers,
-        }
         node.on_message = self._messages.deliver
-        try:
-            node.handshake(config, self.connect_timeout)
-        except BaseException:
-            node.stop(timeout=1.0, kill=True)
-            raise
         return node
-
-    def _abort_starts(self) -> None:
-        """End every node start in progress now, and any that begins later.
-
-        A launcher still opening is aborted (e.g. its SSH connection closed); an agent
-        started but not yet greeted is killed. Each start then fails at once.
-        """
-        with self._lock:
-            self._aborted = True
-            starting = list(self._starting.items())
-        for index, _ in starting:
-            self._launchers[index].abort()
-        for _, channel in starting:
-            if channel is not None:
-                channel.kill()
-
-    def _connect(self) -> list[Node]:
-        """Open every node concurrently; on a failure stop them all, on Ctrl-C (or SIGTERM)
-        abort the starts in progress.
-
-        An interrupt does not wait for the starts (each bounded by ``connect_timeout``):
-        they are aborted, and one that still finishes later stops what it started itself
-        (see :meth:`_open_node`). The start threads are daemons, so none delays exit.
-        """
-        count = len(self._launchers)
-        self._display.show(lambda: f"{self._ready_count}/{count} node(s) ready")
-        futures: list[Future[Node]] = [Future() for _ in range(count)]
-        indices = iter(range(count))
-        take = threading.Lock()
-
-        def work() -> None:
-            while True:
-                with take:
-                    index = next(indices, None)
-                if index is None or not futures[index].set_running_or_notify_cancel():
-                    return
-                try:
-                    futures[index].set_result(self._open_node(index))
-                except BaseException as exc:  # noqa: BLE001 - reported by the caller
-                    futures[index].set_exception(exc)
-
-        for i in range(min(32, count)):
-            threading.Thread(target=work, name=f"skyward-connect-{i}", daemon=True).start()
-        try:
-            wait(futures)
-            errors = [f.exception() for f in futures if f.exception() is not None]
-            if errors:
-                raise errors[0]  # type: ignore[misc]
-            return [f.result() for f in futures]
-        except BaseException:
-            self._abort_starts()
-            for future in futures:
-                future.cancel()
-            try:
-                wait(futures, timeout=_ABORT_GRACE)
-            finally:
-                for future in futures:
-                    if future.done() and not future.cancelled() and future.exception() is None:
-                        future.result().stop(timeout=1.0, kill=True)
-            raise
-
-    def _replace(self, node: Node, reason: str) -> bool:
-        """Scheduler hook: restart a lost node in the background, ``restarts`` times at most."""
-        with self._lock:
-            if self._state != "running" or self._restarted[node.index] >= self.restarts:
-                return False
-            self._restarted[node.index] += 1
-        threading.Thread(
-            target=self._restart, args=(node,), name=f"skyward-restart-{node.name}", daemon=True
-        ).start()
-        return True
-
-    def _restart(self, old: Node) -> None:
-        scheduler = self._scheduler
-        assert scheduler is not None
-        old.stop(timeout=1.0, kill=True)
-        new: Node | None = None
-        try:
-            if self._state == "running":
-                new = self._open_node(old.index)
-        except Exception as exc:  # noqa: BLE001 - the node stays down; the cluster goes on
-            if self._state == "running":
-                log.warning("could not restart %s: %s", old.name, exc)
-        with self._lock:
-            if new is not None and self._state == "running":
-                self.nodes[old.index] = new
-                new.start(scheduler)
-                log.info("node %s restarted", new.name)
-            elif new is not None:
-                new.stop(timeout=1.0, kill=True)
-                new = None
-        scheduler.node_replaced(old, new)
-
-    def _monitor(self) -> None:
-        """Send heartbeats; declare a node lost when it has been silent too long."""
-        interval = min(1.0, self.heartbeat_timeout / 5)
-        while not self._monitor_stop.wait(interval):
-            scheduler = self._scheduler
-            if scheduler is None:
-                return
-            now = time.monotonic()
-            for node in list(self.nodes):
-                if not node.alive:
-                    continue
-                silent = now - node.last_heard
-                if silent > self.heartbeat_timeout:
-                    scheduler.node_lost(
-                        node,
-                        f"no heartbeat for {silent:.1f}s (heartbeat_timeout="
-                        f"{self.heartbeat_timeout}s)",
-                    )
-                    threading.Thread(target=node.stop, kwargs={"kill": True}, daemon=True).start()
-                else:
-                    node.heartbeat()
 
     def _task_status(self) -> str:
         tasks = self._scheduler.stats() if self._scheduler is not None else {}
@@ -415,7 +233,8 @@ class Compute(Executor):
     def _stop_nodes(self) -> None:
         t0 = time.monotonic()
         self._display.close()
-        self._abort_starts()  # restarts in progress
+        if self._starter is not None:
+            self._starter.abort()  # restarts in progress
         if self._scheduler is not None:
             self._scheduler.close(cancel=True)
         log.info("%s", self._summary())
@@ -425,8 +244,9 @@ class Compute(Executor):
         ]
         for thread in stoppers:
             thread.start()
+        deadline = time.monotonic() + 10
         for thread in stoppers:
-            thread.join(10)
+            thread.join(max(0.0, deadline - time.monotonic()))
         log.info("cluster %s stopped in %.2fs", self.cluster_id, time.monotonic() - t0)
 
     def _summary(self) -> str:
@@ -462,11 +282,11 @@ class Compute(Executor):
             if self._state != "running":
                 return
             self._state = "closing"
+            if self._monitor is not None:
+                self._monitor.stop_restarts()
         try:
             if wait and not cancel_futures and self._scheduler is not None:
-                scheduler = self._scheduler
-                while not scheduler.idle() and scheduler.live_slots:
-                    time.sleep(0.01)
+                self._scheduler.wait_idle()
         finally:
             stack, self._stack = self._stack, None
             self._state = "closed"
@@ -568,11 +388,9 @@ class Compute(Executor):
             for node in self.nodes:
                 if node.alive:
                     node.heartbeat()
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline and any(
-                n.alive and n.heartbeats == before.get(n.name, 0) for n in self.nodes
-            ):
-                time.sleep(0.005)
+            for _ in retries(time.monotonic() + timeout, 0.005):
+                if not any(n.alive and n.heartbeats == before.get(n.name, 0) for n in self.nodes):
+                    break
         tasks = self._scheduler.stats() if self._scheduler is not None else {}
         return {
             "cluster": self.cluster_id,
@@ -663,49 +481,3 @@ def _chunks(items: Iterable[tuple[Any, ...]], size: int) -> Iterator[list[tuple[
             chunk = []
     if chunk:
         yield chunk
-
-
-# --- process-wide safety net ------------------------------------------------------------------
-
-
-def _register(compute: Compute, stack: ExitStack) -> None:
-    """Track running clusters so interpreter exit and SIGTERM still stop them."""
-    with _active_lock:
-        _active.append(compute)
-        _install_sigterm()
-
-    def unregister() -> None:
-        with _active_lock:
-            if compute in _active:
-                _active.remove(compute)
-
-    stack.callback(unregister)
-
-
-_sigterm_installed = False
-
-
-def _install_sigterm() -> None:
-    """Turn SIGTERM into SystemExit so ``with`` blocks unwind and clusters stop."""
-    global _sigterm_installed
-    if _sigterm_installed or threading.current_thread() is not threading.main_thread():
-        return
-    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        return
-
-    def on_sigterm(signum: int, frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-    _sigterm_installed = True
-
-
-@atexit.register
-def _shutdown_all() -> None:
-    with _active_lock:
-        running = list(reversed(_active))
-    for compute in running:
-        try:
-            compute.shutdown(wait=False, cancel_futures=True)
-        except Exception:  # noqa: BLE001 - best effort at interpreter exit
-            log.exception("failed to stop cluster %s at exit", compute.cluster_id)

@@ -31,3 +31,34 @@ class AWSCleanupError(RuntimeError):
 
 class CostLimitError(ValueError):
     """A cluster's estimated hourly cost is above ``sky.AWS(max_hourly_cost=...)``."""
+
+
+# --- client
+
+__all__ += [
+    "ComputeStateError",
+    "NoWorkersError",
+    "PinConflictError",
+    "PluginError",
+    "WorkerDiedError",
+]
+
+
+class ComputeStateError(RuntimeError):
+    """A ``Compute`` was used outside its ``with`` block, or entered twice."""
+
+
+class NoWorkersError(RuntimeError):
+    """Every node of the cluster is gone, so the remaining tasks cannot run."""
+
+
+class WorkerDiedError(RuntimeError):
+    """A task killed the worker that ran it on every attempt."""
+
+
+class PinConflictError(ValueError):
+    """Two plugins (or a plugin and the image) require one package at different versions."""
+
+
+class PluginError(TypeError):
+    """An object passed in ``plugins=[...]`` is not a usable plugin."""

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from skyward import wire
 from skyward.channel import Channel
 from skyward.errors import NodeStartError
+from skyward.waits import call_with_timeout, retries
 from skyward.wire import Kind
 
 if TYPE_CHECKING:
@@ -78,12 +79,8 @@ class Node:
             except Exception as exc:  # noqa: BLE001
                 result["error"] = f"{type(exc).__name__}: {exc}"
 
-        reader = threading.Thread(target=read, name=f"skyward-hello-{self.name}", daemon=True)
-        reader.start()
-        reader.join(timeout)
-        if reader.is_alive():
-            self.channel.kill()
-            reader.join(5)
+        if not call_with_timeout(read, timeout, name=f"skyward-hello-{self.name}")[0]:
+            self.channel.kill()  # which ends the read
             raise NodeStartError(
                 f"{self.name}: the agent did not answer within {timeout:.0f}s (step: handshake)"
             )
@@ -181,9 +178,9 @@ class Node:
             self.channel.kill()
         else:
             self.outbox.put(wire.encode_obj(Kind.BYE, None))
-            deadline = time.monotonic() + 0.5
-            while self.outbox.pending and time.monotonic() < deadline:
-                time.sleep(0.005)
+            for _ in retries(time.monotonic() + 0.5, 0.005):
+                if not self.outbox.pending:
+                    break
         self.outbox.close()
         self.channel.close(timeout)
         if self._reader is not None and self._reader is not threading.current_thread():

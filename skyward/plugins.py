@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 from skyward import hookspecs
+from skyward.errors import PluginError
 from skyward.spec import Image, check_pins, deduplicated
 
 if TYPE_CHECKING:
@@ -35,10 +36,6 @@ __all__ = [
     "compose_image",
     "worker_initializers",
 ]
-
-
-class PluginError(TypeError):
-    """An object passed in ``plugins=[...]`` is not a usable plugin."""
 
 
 @dataclass(frozen=True)

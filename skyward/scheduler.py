@@ -17,6 +17,7 @@ user code, and a slow one must not stall the frames (heartbeats) behind it.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import pickle
@@ -28,18 +29,11 @@ from concurrent.futures import CancelledError, Future, InvalidStateError
 from typing import Any
 
 from skyward import wire
+from skyward.errors import NoWorkersError, WorkerDiedError
 from skyward.node import Node
 from skyward.wire import Status
 
 log = logging.getLogger("skyward")
-
-
-class NoWorkersError(RuntimeError):
-    """Every node of the cluster is gone, so the remaining tasks cannot run."""
-
-
-class WorkerDiedError(RuntimeError):
-    """A task killed the worker that ran it on every attempt."""
 
 
 class SkywardFuture(Future[Any]):
@@ -103,6 +97,17 @@ class TaskRecord:
         self.deaths: list[str] = []
 
 
+@dataclasses.dataclass
+class TaskCounts:
+    """What became of a scheduler's tasks (see :meth:`Scheduler.stats`)."""
+
+    submitted: int = 0
+    completed: int = 0
+    failed: int = 0
+    retried: int = 0
+    cancelled: int = 0
+
+
 class Scheduler:
     """Queues tasks and keeps every live slot busy."""
 
@@ -117,12 +122,10 @@ class Scheduler:
         self._live = 0
         self._ids = itertools.count()
         self.closed = False
-        self.submitted = 0
-        self.completed = 0
-        self.failed = 0
-        self.retried = 0
-        self.cancelled = 0
+        self.counts = TaskCounts()
         self.restarting = 0
+        # Notified whenever the scheduler may have become idle (see wait_idle).
+        self._changed = threading.Condition(self.lock)
         self.replace: Callable[[Node, str], bool] | None = None
         # Jobs for the result thread; each returns (completed, failed) for the counters.
         self._jobs: queue.SimpleQueue[Callable[[], tuple[int, int]] | None] = queue.SimpleQueue()
@@ -192,7 +195,7 @@ class Scheduler:
             if not self.restarting and not any(n.alive for n in self.nodes):
                 raise NoWorkersError(_no_workers_message(self.nodes))
             self._queue.append(record)
-            self.submitted += 1
+            self.counts.submitted += 1
         self._pump()
         return future
 
@@ -207,6 +210,7 @@ class Scheduler:
                 record = self._queue.popleft()
                 if record.future.done():  # cancelled while it waited
                     tokens.appendleft(node)
+                    self._changed.notify_all()
                     continue
                 record.node = node
                 record.attempts += 1
@@ -237,6 +241,7 @@ class Scheduler:
                 done.append((record, status, payload))
             if done:
                 self._undelivered += 1
+            self._changed.notify_all()
         self._pump()
         if done:
             self._jobs.put(lambda: self._resolve_all(done, node))
@@ -248,7 +253,7 @@ class Scheduler:
             return False
         record.node = None
         self._queue.appendleft(record)
-        self.retried += 1
+        self.counts.retried += 1
         return True
 
     def _deliver(self) -> None:
@@ -264,8 +269,9 @@ class Scheduler:
                 log.exception("error while resolving a task's future")
             with self.lock:
                 self._undelivered -= 1
-                self.completed += counts[0]
-                self.failed += counts[1]
+                self.counts.completed += counts[0]
+                self.counts.failed += counts[1]
+                self._changed.notify_all()
 
     def _resolve_all(
         self, done: list[tuple[TaskRecord, Status, bytes]], node: Node
@@ -346,6 +352,7 @@ class Scheduler:
             if replacing:
                 self.restarting += 1
             failed.extend(self._fail_if_no_workers())
+            self._changed.notify_all()
         self._fail_later(failed)
         self._pump()
 
@@ -357,6 +364,7 @@ class Scheduler:
                 self.nodes[self.nodes.index(old)] = new
                 self._add_tokens([new])
             failed = self._fail_if_no_workers()
+            self._changed.notify_all()
         self._fail_later(failed)
         self._pump()
 
@@ -378,7 +386,7 @@ class Scheduler:
         A queued one is dropped when dispatch reaches it.
         """
         with self.lock:
-            self.cancelled += 1
+            self.counts.cancelled += 1
             node = record.node
             on_node = node is not None and node.alive and node.inflight.get(record.id) is record
         if on_node:
@@ -393,6 +401,7 @@ class Scheduler:
             if cancel:
                 self._queue.clear()
             inflight = [r for n in self.nodes for r in n.inflight.values()] if cancel else []
+            self._changed.notify_all()
         for record in queued + inflight:
             record.future.cancel()
 
@@ -406,27 +415,29 @@ class Scheduler:
         if self._results.is_alive():
             log.warning("a done-callback is still running after %.0fs; not waiting for it", timeout)
 
-    def idle(self) -> bool:
-        """Whether no task is queued, running, or waiting for its future to be resolved."""
+    def wait_idle(self) -> None:
+        """Wait until no task is queued, running, or waiting for its future to be resolved;
+        or until no live slot is left to run them.
+
+        Called from a done-callback, the result thread's own pending work does not count.
+        """
         on_result_thread = threading.current_thread() is self._results
-        with self.lock:
-            return (
+
+        def settled() -> bool:
+            live = [n for n in self.nodes if n.alive]
+            return not live or (
                 (on_result_thread or not self._undelivered)
                 and not self._queue
-                and not any(n.inflight for n in self.nodes if n.alive)
+                and not any(n.inflight for n in live)
             )
+
+        with self._changed:
+            self._changed.wait_for(settled)
 
     def stats(self) -> dict[str, Any]:
         """Task counters."""
         with self.lock:
-            return {
-                "submitted": self.submitted,
-                "completed": self.completed,
-                "failed": self.failed,
-                "retried": self.retried,
-                "cancelled": self.cancelled,
-                "queued": len(self._queue),
-            }
+            return {**dataclasses.asdict(self.counts), "queued": len(self._queue)}
 
 
 def _settle(method: Callable[[Any], None], outcome: Any) -> bool:
@@ -456,4 +467,4 @@ def _no_workers_message(nodes: list[Node]) -> str:
     )
 
 
-__all__ = ["Scheduler", "SkywardFuture", "NoWorkersError", "WorkerDiedError", "CancelledError"]
+__all__ = ["Scheduler", "SkywardFuture", "CancelledError"]

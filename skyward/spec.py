@@ -21,17 +21,15 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name, parse_sdist_filename, parse_wheel_filename
 
-__all__ = ["Image", "Worker", "PinConflictError", "requirement_name"]
+from skyward.errors import PinConflictError
+
+__all__ = ["Image", "Worker", "requirement_name"]
 
 Executor = Literal["thread", "process"]
 EXECUTORS: tuple[str, ...] = ("thread", "process")
 
 # A bare URL is a pip requirement line too: https://.../pkg-1.0-py3-none-any.whl, git+https://...
 _BARE_URL = re.compile(r"^(?:[A-Za-z][A-Za-z0-9.-]*\+)?(?:https?|file|ftp)://\S+$")
-
-
-class PinConflictError(ValueError):
-    """Two plugins (or a plugin and the image) require one package at different versions."""
 
 
 @dataclass(frozen=True, eq=False)

@@ -154,3 +154,48 @@ def test_slow_done_callback_does_not_get_a_healthy_node_declared_lost(
             release.set()
         assert compute.submit(abs, -2).result(timeout=30) == 2
         assert compute.stats()["tasks"]["retried"] == 0
+
+
+def test_exit_waits_for_running_and_queued_tasks_and_their_callbacks(
+    tmp_path: Path, no_agents_left: None
+) -> None:
+    called_on: list[str] = []
+    with sky.Compute(nodes=1, worker=sky.Worker(concurrency=1)) as compute:
+        # One runs, one is prefetched onto the agent, two wait in the client.
+        futures = [compute.submit(hold, str(tmp_path), f"task-{i}") for i in range(4)]
+        for future in futures:
+            future.add_done_callback(lambda _: called_on.append(threading.current_thread().name))
+        assert wait_until(lambda: (tmp_path / "task-0.pid").exists(), 30)
+
+        def release_once_exiting() -> None:  # the with block's exit is already waiting
+            if wait_until(lambda: not compute.running, 30):
+                (tmp_path / "release").touch()
+
+        releaser = threading.Thread(target=release_once_exiting, daemon=True)
+        releaser.start()
+    releaser.join(30)
+    assert [f.result(timeout=0) for f in futures] == [compute.nodes[0].pid] * 4
+    assert all((tmp_path / f"task-{i}.end").exists() for i in range(4))
+    assert called_on == ["skyward-results"] * 4, "exit returned before the done-callbacks ran"
+
+
+def test_shutdown_called_from_a_done_callback_stops_the_cluster(
+    tmp_path: Path, no_agents_left: None
+) -> None:
+    compute = sky.Compute(nodes=1)
+    compute.__enter__()
+    try:
+        stopped = threading.Event()
+
+        def stop(_: object) -> None:
+            compute.shutdown()
+            stopped.set()
+
+        future = compute.submit(hold, str(tmp_path), "task")
+        assert wait_until(lambda: (tmp_path / "task.pid").exists(), 30)
+        future.add_done_callback(stop)  # still running: called on the result thread
+        (tmp_path / "release").touch()
+        assert stopped.wait(30), "shutdown() called from a done-callback did not return"
+        assert not compute.running and future.result(timeout=0) > 0
+    finally:
+        compute.shutdown(wait=False)

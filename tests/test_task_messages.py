@@ -13,7 +13,7 @@ import pytest
 
 import skyward as sky
 from skyward.agent import emit
-from skyward.node import NodeStartError
+from skyward.errors import NodeStartError
 
 pytestmark = pytest.mark.timeout(120)
 

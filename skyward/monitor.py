@@ -1,0 +1,115 @@
+"""Watching a running cluster's nodes: heartbeats, lost-node detection and restarts.
+
+Several times per ``heartbeat_timeout`` the monitor sends every live node a
+heartbeat (the agent answers with its counters, and a silent client makes the
+agent exit); a node silent for longer than ``heartbeat_timeout`` is declared lost
+to the scheduler, which reruns its tasks elsewhere. A lost node is restarted
+through its launcher in the background, ``restarts`` times at most per node,
+while queued work waits for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from skyward.node import Node
+from skyward.scheduler import Scheduler
+from skyward.startup import NodeStarter
+
+log = logging.getLogger("skyward")
+
+
+@dataclass(eq=False)
+class NodeMonitor:
+    """Heartbeats and restarts for the nodes of one cluster.
+
+    Args:
+        nodes: the cluster's nodes, by index; a restarted node replaces its
+            predecessor in this list.
+        scheduler: told of lost and restarted nodes.
+        starter: opens the replacement of a lost node.
+        heartbeat_timeout: seconds of silence after which a node is lost.
+        restarts: times each node may be restarted.
+    """
+
+    nodes: list[Node]
+    scheduler: Scheduler
+    starter: NodeStarter
+    heartbeat_timeout: float
+    restarts: int
+    _restarted: Counter[int] = field(default_factory=Counter, init=False)
+    _closed: bool = field(default=False, init=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+    _stop: threading.Event = field(default_factory=threading.Event, init=False)
+    _thread: threading.Thread | None = field(default=None, init=False)
+
+    def start(self) -> None:
+        """Begin sending heartbeats and watching for silent nodes."""
+        self._thread = threading.Thread(target=self._run, name="skyward-monitor", daemon=True)
+        self._thread.start()
+
+    def stop_restarts(self) -> None:
+        """Restart no more nodes; a restart in progress stops the node it starts."""
+        with self._lock:
+            self._closed = True
+
+    def close(self) -> None:
+        """Stop restarts and heartbeats (waits a few seconds at most)."""
+        self.stop_restarts()
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def replace(self, node: Node, reason: str) -> bool:
+        """The scheduler's ``replace`` hook: restart a lost node in the background,
+        ``restarts`` times at most; whether a restart began."""
+        with self._lock:
+            if self._closed or self._restarted[node.index] >= self.restarts:
+                return False
+            self._restarted[node.index] += 1
+        threading.Thread(
+            target=self._restart, args=(node,), name=f"skyward-restart-{node.name}", daemon=True
+        ).start()
+        return True
+
+    def _restart(self, old: Node) -> None:
+        old.stop(timeout=1.0, kill=True)
+        new: Node | None = None
+        try:
+            if not self._closed:
+                new = self.starter.open(old.index)
+        except Exception as exc:  # noqa: BLE001 - the node stays down; the cluster goes on
+            if not self._closed:
+                log.warning("could not restart %s: %s", old.name, exc)
+        kept: Node | None = None
+        with self._lock:
+            if new is not None and not self._closed:
+                self.nodes[old.index] = kept = new
+                new.start(self.scheduler)
+                log.info("node %s restarted", new.name)
+        if new is not None and kept is None:
+            new.stop(timeout=1.0, kill=True)  # the cluster is shutting down
+        self.scheduler.node_replaced(old, kept)
+
+    def _run(self) -> None:
+        """Send heartbeats; declare a node lost when it has been silent too long."""
+        interval = min(1.0, self.heartbeat_timeout / 5)
+        while not self._stop.wait(interval):
+            now = time.monotonic()
+            for node in list(self.nodes):
+                if not node.alive:
+                    continue
+                silent = now - node.last_heard
+                if silent > self.heartbeat_timeout:
+                    self.scheduler.node_lost(
+                        node,
+                        f"no heartbeat for {silent:.1f}s (heartbeat_timeout="
+                        f"{self.heartbeat_timeout}s)",
+                    )
+                    threading.Thread(target=node.stop, kwargs={"kill": True}, daemon=True).start()
+                else:
+                    node.heartbeat()

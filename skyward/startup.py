@@ -1,0 +1,165 @@
+"""Starting a cluster's nodes: every launcher opened at once, each agent greeted, all abortable.
+
+An ordinary failure waits for every start and raises the first error in node
+order, after stopping the nodes that did start. Ctrl-C or SIGTERM does not wait:
+the starts in progress are aborted (a launcher still opening is told to, an agent
+not yet greeted is killed), and a start that still finishes later stops what it
+started itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, wait
+from dataclasses import dataclass, field
+from typing import Any
+
+from skyward.channel import Channel
+from skyward.errors import NodeStartError
+from skyward.node import Node
+from skyward.providers import Launcher
+
+log = logging.getLogger("skyward")
+
+# Seconds an interrupted start-up waits for the aborted node starts to end (each kills
+# what it started itself if it ends later).
+ABORT_GRACE = 1.0
+
+# Threads opening nodes at once, at most.
+START_THREADS = 32
+
+
+@dataclass(eq=False)
+class NodeStarter:
+    """Opens the nodes of one cluster through their launchers.
+
+    Args:
+        launchers: one per node, from the provider; node ``i`` is ``launchers[i]``'s.
+        hello: what the client's HELLO tells every agent (its node name is added).
+        new_node: makes the client's end of node ``index`` from its agent's channel.
+        timeout: seconds each agent has to say hello.
+    """
+
+    launchers: list[Launcher]
+    hello: dict[str, Any]
+    new_node: Callable[[int, Channel], Node]
+    timeout: float
+    ready: int = field(default=0, init=False)
+    """Nodes started so far (restarts included)."""
+    # Starts in progress (index -> its channel once the launcher returned it), and
+    # whether they are being aborted (Ctrl-C, shutdown).
+    _starting: dict[int, Channel | None] = field(default_factory=dict, init=False)
+    _aborted: bool = field(default=False, init=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+
+    def open_all(self) -> list[Node]:
+        """Open every node concurrently; on a failure stop them all, on Ctrl-C (or
+        SIGTERM) abort the starts in progress.
+
+        An interrupt does not wait for the starts (each bounded in time): they
+        are aborted, and one that still finishes later stops what it started itself
+        (see :meth:`open`). The start threads are daemons, so none delays exit.
+        """
+        count = len(self.launchers)
+        futures: list[Future[Node]] = [Future() for _ in range(count)]
+        indices = iter(range(count))
+        take = threading.Lock()
+
+        def work() -> None:
+            while True:
+                with take:
+                    index = next(indices, None)
+                if index is None or not futures[index].set_running_or_notify_cancel():
+                    return
+                try:
+                    futures[index].set_result(self.open(index))
+                except BaseException as exc:  # noqa: BLE001 - reported by the caller
+                    futures[index].set_exception(exc)
+
+        for i in range(min(START_THREADS, count)):
+            threading.Thread(target=work, name=f"skyward-connect-{i}", daemon=True).start()
+        try:
+            wait(futures)
+            errors = [f.exception() for f in futures if f.exception() is not None]
+            if errors:
+                raise errors[0]  # type: ignore[misc]
+            return [f.result() for f in futures]
+        except BaseException:
+            self.abort()
+            for future in futures:
+                future.cancel()
+            try:
+                wait(futures, timeout=ABORT_GRACE)
+            finally:
+                for future in futures:
+                    if future.done() and not future.cancelled() and future.exception() is None:
+                        future.result().stop(timeout=1.0, kill=True)
+            raise
+
+    def open(self, index: int) -> Node:
+        """Start node ``index``'s agent through its launcher and shake hands (bounded).
+
+        :meth:`abort` can end it from another thread at any step; whatever it started
+        is then stopped here.
+        """
+        launcher = self.launchers[index]
+        t0 = time.monotonic()
+        with self._lock:
+            if self._aborted:
+                raise NodeStartError(f"{launcher.name}: start aborted (step: start agent)")
+            self._starting[index] = None
+        try:
+            node = self._start_and_greet(index, launcher)
+        finally:
+            with self._lock:
+                self._starting.pop(index, None)
+                aborted = self._aborted
+        if aborted:
+            node.stop(timeout=1.0, kill=True)
+            raise NodeStartError(f"{launcher.name}: start aborted (step: handshake)")
+        log.info("node %s ready in %.2fs (pid %s)", node.name, time.monotonic() - t0, node.pid)
+        with self._lock:
+            self.ready += 1
+        return node
+
+    def _start_and_greet(self, index: int, launcher: Launcher) -> Node:
+        try:
+            channel = launcher.open()
+        except NodeStartError:
+            raise
+        except Exception as exc:
+            raise NodeStartError(
+                f"{launcher.name}: {type(exc).__name__}: {exc} (step: start agent)"
+            ) from exc
+        with self._lock:
+            aborted = self._aborted
+            if not aborted:
+                self._starting[index] = channel
+        if aborted:
+            channel.kill()
+            raise NodeStartError(f"{launcher.name}: start aborted (step: start agent)")
+        node = self.new_node(index, channel)
+        try:
+            node.handshake({"node": launcher.name, **self.hello}, self.timeout)
+        except BaseException:
+            node.stop(timeout=1.0, kill=True)
+            raise
+        return node
+
+    def abort(self) -> None:
+        """End every node start in progress now, and any that begins later.
+
+        A launcher still opening is aborted (e.g. its SSH connection closed); an agent
+        started but not yet greeted is killed. Each start then fails at once.
+        """
+        with self._lock:
+            self._aborted = True
+            starting = list(self._starting.items())
+        for index, _ in starting:
+            self.launchers[index].abort()
+        for _, channel in starting:
+            if channel is not None:
+                channel.kill()

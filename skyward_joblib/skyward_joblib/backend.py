@@ -27,7 +27,7 @@ from joblib._parallel_backends import (
 
 from skyward.compute import ComputeStateError, current
 from skyward.scheduler import NoWorkersError
-from skyward_joblib import activation
+from skyward_joblib import activation, threads
 from skyward_joblib.feeder import feeder
 from skyward_joblib.worker import RemoteBatch, in_agent
 
@@ -61,7 +61,9 @@ class SkywardBackend(AutoBatchingMixin, ParallelBackendBase):
 
     Args:
         nesting_level: set by joblib.
-        inner_max_num_threads: BLAS/OpenMP threads allowed per task on the workers.
+        inner_max_num_threads: BLAS/OpenMP threads allowed per task on the workers;
+            by default ``node CPUs // slots per node``, as loky's ``cpu_count() // n_jobs``
+            (see :mod:`skyward_joblib.threads`).
         compute: the ``sky.Compute`` to use; see the module docstring for the default.
     """
 
@@ -86,6 +88,7 @@ class SkywardBackend(AutoBatchingMixin, ParallelBackendBase):
         self.compute = compute
         self._target: Compute | None = None
         self._limit: int | None = None
+        self._thread_env: dict[str, str] = {}
         self._lock = threading.Lock()
         self._inflight: dict[Future[Any], Future[Any] | None] = {}
         self._waiting: deque[tuple[Future[Any], RemoteBatch]] = deque()
@@ -151,6 +154,7 @@ class SkywardBackend(AutoBatchingMixin, ParallelBackendBase):
         # Below the slot count, this backend keeps at most n batches in flight. At or
         # above it, the cluster's own slots (plus its prefetch) bound the work.
         self._limit = n if n < self._target.total_slots else None
+        self._thread_env = threads.task_env(self.inner_max_num_threads, self._target)
         if self._limit is None and getattr(parallel, "pre_dispatch", None) == DEFAULT_PRE_DISPATCH:
             # Nodes queue a few batches ahead of their slots only while more batches wait
             # than there are slots; joblib's default keeps exactly that many waiting.
@@ -175,7 +179,7 @@ class SkywardBackend(AutoBatchingMixin, ParallelBackendBase):
         proxy: Future[Any] = Future()
         if callback is not None:
             proxy.add_done_callback(callback)
-        task = RemoteBatch(func, self.inner_max_num_threads)
+        task = RemoteBatch(func, self._thread_env)
         with self._lock:
             if self._aborting:
                 proxy.cancel()

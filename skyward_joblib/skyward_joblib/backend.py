@@ -7,6 +7,9 @@ plugin, else the innermost running ``Compute`` (:func:`skyward.compute.current`)
 
 Inside an agent the same name resolves to joblib's threading backend, so a
 nested ``Parallel`` uses the worker's own cores and never calls back to the client.
+In a child forked from the client while its cluster runs (``multiprocessing``), a
+backend bound to that cluster becomes joblib's stock default backend again: the
+cluster belongs to the parent.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from joblib._parallel_backends import (
     ThreadingBackend,
 )
 
-from skyward.compute import ComputeStateError, current
+from skyward.compute import ComputeStateError, current, running_here
 from skyward.scheduler import NoWorkersError
 from skyward_joblib import activation, threads
 from skyward_joblib.feeder import feeder
@@ -100,6 +103,11 @@ class SkywardBackend(AutoBatchingMixin, ParallelBackendBase):
 
     # --- which cluster, how many jobs -------------------------------------------------------
 
+    def _forked(self) -> bool:
+        """Bound to a cluster of the process this one was forked from."""
+        compute = self.compute
+        return compute is not None and compute.running and not running_here(compute)
+
     def resolve(self) -> Compute:
         """The running ``Compute`` this backend dispatches to; a clear error if there is none."""
         compute = self.compute or activation.active_compute() or current()
@@ -123,6 +131,8 @@ class SkywardBackend(AutoBatchingMixin, ParallelBackendBase):
             raise ValueError("n_jobs == 0 in Parallel has no meaning")
         if in_agent():
             return _local_backend(self.nesting_level).effective_n_jobs(n_jobs)
+        if self._forked():
+            return activation.stock_backend(self.nesting_level).effective_n_jobs(n_jobs)
         if n_jobs is None or n_jobs == 1:
             return 1
         slots = self.resolve().total_slots
@@ -146,6 +156,8 @@ class SkywardBackend(AutoBatchingMixin, ParallelBackendBase):
         """Bind to the cluster for one ``Parallel`` call, or fall back to a local backend."""
         if in_agent():
             raise FallbackToBackend(_local_backend(self.nesting_level))
+        if self._forked():
+            raise FallbackToBackend(activation.stock_backend(self.nesting_level))
         n = self.effective_n_jobs(n_jobs)
         if n == 1:
             raise FallbackToBackend(SequentialBackend(nesting_level=self.nesting_level))

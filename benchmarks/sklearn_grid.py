@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable
+from typing import Any
 
 import joblib
 import numpy as np
@@ -108,6 +109,32 @@ def _skyward_once(
     return elapsed(), cpu, fitted, nodes
 
 
+def _wall_rows(
+    workload: str,
+    cores: int,
+    wall: float,
+    loky_wall: float,
+    goal: float | None = None,
+    **extra: Any,
+) -> list[Row]:
+    """Skyward's wall time against loky's on the same cores (within ``goal`` x), and loky's."""
+    return [
+        Row(
+            workload,
+            f"skyward {cores} Local nodes x 1 slot",
+            "wall",
+            wall,
+            "s",
+            peer=f"loky n_jobs={cores}",
+            ratio=wall / loky_wall,
+            goal=None if goal is None else f"<= {goal}x loky",
+            met=None if goal is None else wall <= goal * loky_wall,
+            extra=extra,
+        ),
+        Row(workload, f"loky n_jobs={cores}", "wall", loky_wall, "s"),
+    ]
+
+
 def _scores(search: GridSearchCV) -> np.ndarray:
     """Every test score of the search: mean and per split, one row per candidate."""
     names = ["mean_test_score"] + [f"split{i}_test_score" for i in range(FOLDS)]
@@ -129,21 +156,7 @@ def ridge(quick: bool) -> list[Row]:
     workload = (
         f"GridSearchCV(RidgeClassifier) X {X.nbytes / 1e6:.0f} MB, 4 x {FOLDS} fits, {cores} cores"
     )
-    return [
-        Row(
-            workload,
-            f"skyward {cores} Local nodes x 1 slot",
-            "wall",
-            wall,
-            "s",
-            peer=f"loky n_jobs={cores}",
-            ratio=wall / loky_wall,
-            goal="<= 1.0x loky",
-            met=wall <= loky_wall,
-            extra={"scores": "identical to loky's"},
-        ),
-        Row(workload, f"loky n_jobs={cores}", "wall", loky_wall, "s"),
-    ]
+    return _wall_rows(workload, cores, wall, loky_wall, goal=1.0, scores="identical to loky's")
 
 
 def _svc_search(X: np.ndarray, y: np.ndarray) -> GridSearchCV:
@@ -165,18 +178,7 @@ def small(quick: bool) -> list[Row]:
         wall = best_of(3, lambda: _svc_search(X, y))
     assert got.best_params_ == expected.best_params_
     workload = f"GridSearchCV(SVC) small X ({X.shape[0]} x {X.shape[1]}), 20 x {FOLDS} fits"
-    return [
-        Row(
-            workload,
-            f"skyward {cores} Local nodes x 1 slot",
-            "wall",
-            wall,
-            "s",
-            peer=f"loky n_jobs={cores}",
-            ratio=wall / loky_wall,
-        ),
-        Row(workload, f"loky n_jobs={cores}", "wall", loky_wall, "s"),
-    ]
+    return _wall_rows(workload, cores, wall, loky_wall)
 
 
 def run(quick: bool) -> list[Row]:

@@ -1,6 +1,11 @@
 """``GridSearchCV`` over a large and a small ``X``: Skyward's Local nodes against loky on
 the same cores.
 
+The BLAS-bound search (a ``RidgeClassifier`` grid, 4 alphas x 5 folds, on an 80 MB
+``X``) checks that tasks use loky's number of BLAS threads: with every core per task
+on each node, the nodes oversubscribe the machine (issue 12, row 1). Its scores
+must be identical to loky's.
+
 The small-``X`` search (an SVC grid on a few thousand rows) measures the per-fit
 overhead on warm workers: start-up and data transfer hardly count there.
 
@@ -16,11 +21,15 @@ come from ``compute.stats()``.
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
+from typing import Any
 
 import joblib
 import numpy as np
 import psutil
+from sklearn.linear_model import RidgeClassifier
 from sklearn.model_selection import GridSearchCV
 from sklearn.naive_bayes import GaussianNB
 from sklearn.svm import SVC
@@ -29,6 +38,8 @@ import skyward as sky
 from benchmarks.common import Row, best_of, stopwatch
 
 FOLDS = 5
+
+Search = Callable[[np.ndarray, np.ndarray], GridSearchCV]
 
 
 def _data(rows: int, features: int) -> tuple[np.ndarray, np.ndarray]:
@@ -41,6 +52,16 @@ def _data(rows: int, features: int) -> tuple[np.ndarray, np.ndarray]:
 def _search(X: np.ndarray, y: np.ndarray, candidates: int) -> GridSearchCV:
     grid = {"var_smoothing": np.logspace(-12, -2, candidates)}
     return GridSearchCV(GaussianNB(), grid, cv=FOLDS, n_jobs=-1).fit(X, y)
+
+
+def _ridge_search(X: np.ndarray, y: np.ndarray) -> GridSearchCV:
+    grid = {"alpha": [0.1, 1.0, 10.0, 100.0]}
+    return GridSearchCV(RidgeClassifier(), grid, cv=FOLDS, n_jobs=-1).fit(X, y)
+
+
+def _warm_up() -> None:
+    """Workers started, scikit-learn imported, on a small search."""
+    _search(*_data(2_000, 16), 2)
 
 
 def _cpu_seconds() -> float:
@@ -57,35 +78,85 @@ def _cpu_seconds() -> float:
 
 
 def _loky_once(
-    X: np.ndarray, y: np.ndarray, candidates: int, cores: int
+    X: np.ndarray, y: np.ndarray, search: Search, cores: int
 ) -> tuple[float, float, GridSearchCV]:
     with joblib.parallel_config(backend="loky", n_jobs=cores):
-        _search(*_data(2_000, 16), 2)  # warm-up: workers started, sklearn imported
+        _warm_up()
         cpu = _cpu_seconds()
         with stopwatch() as elapsed:
-            search = _search(X, y, candidates)
+            fitted = search(X, y)
         cpu = _cpu_seconds() - cpu
-    return elapsed(), cpu, search
+    return elapsed(), cpu, fitted
 
 
 def _skyward_once(
-    X: np.ndarray, y: np.ndarray, candidates: int, cores: int
+    X: np.ndarray, y: np.ndarray, search: Search, cores: int
 ) -> tuple[float, float, GridSearchCV, dict[str, dict[str, int]]]:
     with sky.Compute(
         nodes=cores, worker=sky.Worker(concurrency=1), plugins=[sky.plugins.sklearn()]
     ) as compute:
-        _search(*_data(2_000, 16), 2)  # warm-up: sklearn imported on every node
+        _warm_up()
         before = compute.stats(refresh=True)["nodes"]
         cpu = _cpu_seconds()
         with stopwatch() as elapsed:
-            search = _search(X, y, candidates)
+            fitted = search(X, y)
         cpu = _cpu_seconds() - cpu
         after = compute.stats(refresh=True)["nodes"]
     nodes = {
         name: {k: after[name][k] - before[name][k] for k in ("bytes_sent", "tasks_done")}
         for name in after
     }
-    return elapsed(), cpu, search, nodes
+    return elapsed(), cpu, fitted, nodes
+
+
+def _wall_rows(
+    workload: str,
+    cores: int,
+    wall: float,
+    loky_wall: float,
+    goal: float | None = None,
+    **extra: Any,
+) -> list[Row]:
+    """Skyward's wall time against loky's on the same cores (within ``goal`` x), and loky's."""
+    return [
+        Row(
+            workload,
+            f"skyward {cores} Local nodes x 1 slot",
+            "wall",
+            wall,
+            "s",
+            peer=f"loky n_jobs={cores}",
+            ratio=wall / loky_wall,
+            goal=None if goal is None else f"<= {goal}x loky",
+            met=None if goal is None else wall <= goal * loky_wall,
+            extra=extra,
+        ),
+        Row(workload, f"loky n_jobs={cores}", "wall", loky_wall, "s"),
+    ]
+
+
+def _scores(search: GridSearchCV) -> np.ndarray:
+    """Every test score of the search: mean and per split, one row per candidate."""
+    names = ["mean_test_score"] + [f"split{i}_test_score" for i in range(FOLDS)]
+    return np.array([search.cv_results_[name] for name in names])
+
+
+def ridge(quick: bool) -> list[Row]:
+    """BLAS-bound search on an 80 MB ``X``, Local(nodes=cores) x 1 slot vs loky; best of N."""
+    cores = os.cpu_count() or 2
+    X, y = _data(40_000, 250)  # 80 MB of float64
+    repeat = 2 if quick else 3
+    loky_wall = wall = float("inf")
+    for _ in range(repeat):  # alternate, so that load from elsewhere hits both alike
+        seconds, _, expected = _loky_once(X, y, _ridge_search, cores)
+        loky_wall = min(loky_wall, seconds)
+        seconds, _, got, _ = _skyward_once(X, y, _ridge_search, cores)
+        wall = min(wall, seconds)
+        np.testing.assert_array_equal(_scores(got), _scores(expected))
+    workload = (
+        f"GridSearchCV(RidgeClassifier) X {X.nbytes / 1e6:.0f} MB, 4 x {FOLDS} fits, {cores} cores"
+    )
+    return _wall_rows(workload, cores, wall, loky_wall, goal=1.0, scores="identical to loky's")
 
 
 def _svc_search(X: np.ndarray, y: np.ndarray) -> GridSearchCV:
@@ -107,18 +178,7 @@ def small(quick: bool) -> list[Row]:
         wall = best_of(3, lambda: _svc_search(X, y))
     assert got.best_params_ == expected.best_params_
     workload = f"GridSearchCV(SVC) small X ({X.shape[0]} x {X.shape[1]}), 20 x {FOLDS} fits"
-    return [
-        Row(
-            workload,
-            f"skyward {cores} Local nodes x 1 slot",
-            "wall",
-            wall,
-            "s",
-            peer=f"loky n_jobs={cores}",
-            ratio=wall / loky_wall,
-        ),
-        Row(workload, f"loky n_jobs={cores}", "wall", loky_wall, "s"),
-    ]
+    return _wall_rows(workload, cores, wall, loky_wall)
 
 
 def run(quick: bool) -> list[Row]:
@@ -129,10 +189,11 @@ def run(quick: bool) -> list[Row]:
     X, y = _data(rows, features)
     # Alternate the two systems so that load from elsewhere hits both alike; keep the best.
     loky_wall = wall = loky_cpu = cpu = float("inf")
+    search = functools.partial(_search, candidates=candidates)
     for _ in range(repeat):
-        seconds, used, expected = _loky_once(X, y, candidates, cores)
+        seconds, used, expected = _loky_once(X, y, search, cores)
         loky_wall, loky_cpu = min(loky_wall, seconds), min(loky_cpu, used)
-        seconds, used, got, measured = _skyward_once(X, y, candidates, cores)
+        seconds, used, got, measured = _skyward_once(X, y, search, cores)
         cpu = min(cpu, used)
         if seconds < wall:
             wall, nodes = seconds, measured
@@ -181,5 +242,6 @@ def run(quick: bool) -> list[Row]:
             ratio=cpu / loky_cpu,
         ),
         Row(workload, f"loky n_jobs={cores}", "CPU time, client + workers", loky_cpu, "s"),
+        *ridge(quick),
         *small(quick),
     ]

@@ -30,6 +30,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO, Any
 
 from skyward import wire
+from skyward.cpus import node_cpus
 from skyward.wire import Kind, Status
 
 DEFAULT_CACHE_BYTES = 4 * 1024**3
@@ -185,7 +186,12 @@ class Agent:
             for _ in range(concurrency):
                 self.pool.submit(ready.wait, 10)
         info = wire.versions()
-        info.update(pid=os.getpid(), hostname=socket.gethostname(), executable=sys.executable)
+        info.update(
+            pid=os.getpid(),
+            hostname=socket.gethostname(),
+            executable=sys.executable,
+            cpus=node_cpus(),
+        )
         self.outbox.put(wire.encode_obj(Kind.HELLO, info))
         idle = float(self.config.get("idle_timeout", 0))
         if idle > 0 and not self.child:

@@ -31,13 +31,13 @@ from skyward.plugins import around_client, compose_image, manager, worker_initia
 from skyward.progress import Progress, rate
 from skyward.providers import ClusterSpec, Provider
 from skyward.providers.local import Local
-from skyward.safety import current
+from skyward.safety import current, running_here
 from skyward.scheduler import Scheduler
 from skyward.spec import Image, Worker
 from skyward.startup import NodeStarter
 from skyward.waits import retries
 
-__all__ = ["Call", "Compute", "current"]
+__all__ = ["Call", "Compute", "current", "running_here"]
 
 log = logging.getLogger("skyward")
 

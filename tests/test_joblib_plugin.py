@@ -42,9 +42,9 @@ def agent_pids(compute: sky.Compute) -> set[int]:
 
 def test_transform_image_adds_joblib():
     image = sky.Image(pip=["numpy"])
-    assert sky.plugins.joblib().transform_image(image).pip == ("numpy", "joblib")
+    assert sky.plugins.joblib().transform_image(image).pip == ("numpy", "joblib", "threadpoolctl")
     pinned = sky.plugins.joblib(version="1.4.0").transform_image(image)
-    assert pinned.pip == ("numpy", "joblib==1.4.0")
+    assert pinned.pip == ("numpy", "joblib==1.4.0", "threadpoolctl")
 
 
 @pytest.mark.parametrize("version", ["latest", "==1.4", "1.4.0; rm -rf", "", 1.4])

@@ -2,9 +2,13 @@
 
 The run happens in a child pytest (``--pyargs``) loaded with the plugin
 ``tests/joblib_suite/skyward_default.py``, which starts a Local cluster and makes
-``"skyward"`` joblib's default backend. That plugin lists the loky-specific tests
-it skips, with the reason for each, and deselects the tests parametrized to run
-another backend explicitly (they test loky, threading or multiprocessing).
+``"skyward"`` joblib's default backend. Every stock parametrization runs, the
+loky, multiprocessing and threading ones included (forked pools inside a running
+cluster); the plugin lists the few tests it skips because they assert which class
+joblib's stock default backend is, with the reason for each.
+
+The whole module takes as long as stock joblib's own run of it: about 4.5 minutes
+on an idle 2-core machine, twice that under heavy load, hence the budget.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from pathlib import Path
 import pytest
 
 SUITE = Path(__file__).resolve().parent / "joblib_suite"
-BUDGET_S = 170
+BUDGET_S = 1200
 
 pytestmark = pytest.mark.timeout(BUDGET_S + 20)
 

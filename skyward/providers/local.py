@@ -1,4 +1,9 @@
-"""``sky.Local()``: every node is an agent subprocess on this machine, over pipes."""
+"""``sky.Local()``: every node is an agent subprocess on this machine, over pipes.
+
+The nodes share this machine's CPUs: each agent is told its share
+(``SKYWARD_NODE_CPUS``), so tasks default to as many BLAS/OpenMP threads as loky
+would give them on the same cores.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 from skyward.channel import Channel, PipeChannel
+from skyward.cpus import NODE_CPUS_ENV, node_cpus
 from skyward.providers import ClusterSpec, Launcher, Provider
 
 
@@ -24,13 +30,15 @@ class Local(Provider):
 
     def launch(self, spec: ClusterSpec, cleanup: ExitStack) -> list[Launcher]:
         """One launcher per node; nothing to clean up beyond the agents themselves."""
-        return [_LocalLauncher(f"node-{i}", self.python) for i in range(spec.nodes)]
+        share = max(node_cpus() // spec.nodes, 1)
+        return [_LocalLauncher(f"node-{i}", self.python, share) for i in range(spec.nodes)]
 
 
 @dataclass
 class _LocalLauncher(Launcher):
     name: str
     python: str
+    cpus: int
 
     def open(self) -> Channel:
         env = dict(os.environ)
@@ -38,4 +46,5 @@ class _LocalLauncher(Launcher):
         # modules) import from the client's own path.
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
         env["PYTHONUNBUFFERED"] = "1"
+        env[NODE_CPUS_ENV] = str(self.cpus)
         return PipeChannel(self.name, [self.python, "-m", "skyward.agent"], env)

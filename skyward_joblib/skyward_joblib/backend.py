@@ -7,6 +7,9 @@ plugin, else the innermost running ``Compute`` (:func:`skyward.compute.current`)
 
 Inside an agent the same name resolves to joblib's threading backend, so a
 nested ``Parallel`` uses the worker's own cores and never calls back to the client.
+In a child forked from the client while its cluster runs (``multiprocessing``), a
+backend bound to that cluster becomes joblib's stock default backend again: the
+cluster belongs to the parent.
 """
 
 from __future__ import annotations
@@ -25,9 +28,9 @@ from joblib._parallel_backends import (
     ThreadingBackend,
 )
 
-from skyward.compute import ComputeStateError, current
+from skyward.compute import ComputeStateError, current, running_here
 from skyward.scheduler import NoWorkersError
-from skyward_joblib import activation
+from skyward_joblib import activation, threads
 from skyward_joblib.feeder import feeder
 from skyward_joblib.worker import RemoteBatch, in_agent
 
@@ -61,7 +64,9 @@ class SkywardBackend(AutoBatchingMixin, ParallelBackendBase):
 
     Args:
         nesting_level: set by joblib.
-        inner_max_num_threads: BLAS/OpenMP threads allowed per task on the workers.
+        inner_max_num_threads: BLAS/OpenMP threads allowed per task on the workers;
+            by default ``node CPUs // slots per node``, as loky's ``cpu_count() // n_jobs``
+            (see :mod:`skyward_joblib.threads`).
         compute: the ``sky.Compute`` to use; see the module docstring for the default.
     """
 
@@ -86,6 +91,7 @@ class SkywardBackend(AutoBatchingMixin, ParallelBackendBase):
         self.compute = compute
         self._target: Compute | None = None
         self._limit: int | None = None
+        self._thread_env: dict[str, str] = {}
         self._lock = threading.Lock()
         self._inflight: dict[Future[Any], Future[Any] | None] = {}
         self._waiting: deque[tuple[Future[Any], RemoteBatch]] = deque()
@@ -97,6 +103,11 @@ class SkywardBackend(AutoBatchingMixin, ParallelBackendBase):
         return SkywardBackend, (self.nesting_level, self.inner_max_num_threads)
 
     # --- which cluster, how many jobs -------------------------------------------------------
+
+    def _forked(self) -> bool:
+        """Bound to a cluster of the process this one was forked from."""
+        compute = self.compute
+        return compute is not None and compute.running and not running_here(compute)
 
     def resolve(self) -> Compute:
         """The running ``Compute`` this backend dispatches to; a clear error if there is none."""
@@ -121,6 +132,8 @@ class SkywardBackend(AutoBatchingMixin, ParallelBackendBase):
             raise ValueError("n_jobs == 0 in Parallel has no meaning")
         if in_agent():
             return _local_backend(self.nesting_level).effective_n_jobs(n_jobs)
+        if self._forked():
+            return activation.stock_backend(self.nesting_level).effective_n_jobs(n_jobs)
         if n_jobs is None or n_jobs == 1:
             return 1
         slots = self.resolve().total_slots
@@ -144,6 +157,8 @@ class SkywardBackend(AutoBatchingMixin, ParallelBackendBase):
         """Bind to the cluster for one ``Parallel`` call, or fall back to a local backend."""
         if in_agent():
             raise FallbackToBackend(_local_backend(self.nesting_level))
+        if self._forked():
+            raise FallbackToBackend(activation.stock_backend(self.nesting_level))
         n = self.effective_n_jobs(n_jobs)
         if n == 1:
             raise FallbackToBackend(SequentialBackend(nesting_level=self.nesting_level))
@@ -152,6 +167,7 @@ class SkywardBackend(AutoBatchingMixin, ParallelBackendBase):
         # Below the slot count, this backend keeps at most n batches in flight. At or
         # above it, the cluster's own slots (plus its prefetch) bound the work.
         self._limit = n if n < self._target.total_slots else None
+        self._thread_env = threads.task_env(self.inner_max_num_threads, self._target)
         if self._limit is None and getattr(parallel, "pre_dispatch", None) == DEFAULT_PRE_DISPATCH:
             # Nodes queue a few batches ahead of their slots only while more batches wait
             # than there are slots; joblib's default keeps exactly that many waiting.
@@ -190,7 +206,7 @@ class SkywardBackend(AutoBatchingMixin, ParallelBackendBase):
         proxy: Future[Any] = Future()
         if callback is not None:
             proxy.add_done_callback(callback)
-        task = RemoteBatch(func, self.inner_max_num_threads)
+        task = RemoteBatch(func, self._thread_env)
         with self._lock:
             if self._aborting:
                 proxy.cancel()

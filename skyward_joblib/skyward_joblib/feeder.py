@@ -9,6 +9,7 @@ It stops after a second without work and starts again on demand.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -25,6 +26,12 @@ class Feeder:
         self._calls: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
         self._ready = threading.Condition()
         self._thread: threading.Thread | None = None
+
+    def reset(self) -> None:
+        """In a forked child: the parent's queued calls and thread are not the child's."""
+        self._calls = deque()
+        self._ready = threading.Condition()  # the parent's feeder thread may have held it
+        self._thread = None
 
     def put(self, fn: Callable[..., Any], *args: Any) -> None:
         """Queue ``fn(*args)``; ``fn`` must handle its own errors."""
@@ -49,3 +56,4 @@ class Feeder:
 
 
 feeder = Feeder()
+os.register_at_fork(after_in_child=feeder.reset)

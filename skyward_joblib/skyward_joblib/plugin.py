@@ -82,8 +82,12 @@ class JoblibPlugin:
 
     @sky.hookimpl
     def transform_image(self, image: Image) -> Image:
-        """Add joblib (pinned when ``version`` is given) to the workers' packages."""
-        return image.with_pip(self.requirement)
+        """Add joblib (pinned when ``version`` is given) and threadpoolctl to the workers.
+
+        threadpoolctl lets long-lived workers apply each call's BLAS/OpenMP thread
+        limits to libraries they have already loaded (see :mod:`skyward_joblib.threads`).
+        """
+        return image.with_pip(self.requirement, "threadpoolctl")
 
     @sky.hookimpl
     def around_client(self, compute: Compute) -> AbstractContextManager[Any]:

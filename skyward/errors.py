@@ -27,3 +27,36 @@ class BootstrapError(RuntimeError):
 
 class AWSCleanupError(RuntimeError):
     """Some AWS resources of a cluster could not be removed (the message says which)."""
+
+
+# --- wire
+
+
+class ProtocolError(RuntimeError):
+    """The byte stream does not carry well-formed Skyward frames (wrong peer, output on the
+    agent's stdout, a truncated frame, or a frame above the size limit)."""
+
+
+class RemoteError(Exception):
+    """A task failed with an exception that could not be recreated on the client."""
+
+
+class VersionMismatchError(RuntimeError):
+    """Client and agent run versions that cannot exchange pickled tasks."""
+
+
+class UnpicklableTaskError(TypeError):
+    """A task (function or argument) cannot be serialized for the cluster."""
+
+
+class MissingBlobError(LookupError):
+    """A task references a blob the agent does not hold."""
+
+
+__all__ += [
+    "MissingBlobError",
+    "ProtocolError",
+    "RemoteError",
+    "UnpicklableTaskError",
+    "VersionMismatchError",
+]

@@ -33,6 +33,7 @@ from skyward.wire.frames import (
     FLAG_LZ4,
     HEADER,
     MAGIC,
+    MAX_FRAME_ENV,
     PICKLE_PROTOCOL,
     PROTOCOL,
     STOP,
@@ -42,6 +43,7 @@ from skyward.wire.frames import (
     Status,
     encode,
     encode_obj,
+    max_frame_bytes,
     read_frame,
 )
 from skyward.wire.hello import check_compatible, versions
@@ -62,6 +64,7 @@ __all__ = [
     "FLAG_LZ4",
     "HEADER",
     "MAGIC",
+    "MAX_FRAME_ENV",
     "PICKLE_PROTOCOL",
     "PROTOCOL",
     "REUSE_THRESHOLD",
@@ -90,6 +93,7 @@ __all__ = [
     "loads_blob",
     "loads_error",
     "loads_task",
+    "max_frame_bytes",
     "read_frame",
     "versions",
 ]

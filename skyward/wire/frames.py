@@ -3,10 +3,17 @@
 A frame is a fixed header ``magic | protocol | kind | flags | length`` followed by
 ``length`` bytes of body. Bodies above :data:`COMPRESS_THRESHOLD` bytes are
 compressed with ``lz4.frame`` (flag :data:`FLAG_LZ4`) when that makes them smaller.
+
+Reading is bounded: a length above :func:`max_frame_bytes` is refused before
+anything is allocated for it, a compressed body must declare its decompressed
+size (``lz4.frame`` stores it) within the same limit and may not produce more, and
+a stream that ends inside a frame is a :class:`~skyward.errors.ProtocolError`
+(only an end exactly between two frames is the clean end of a conversation).
 """
 
 from __future__ import annotations
 
+import os
 import pickle
 import struct
 import threading
@@ -25,6 +32,7 @@ HEADER = struct.Struct("!2sBBBQ")
 FLAG_LZ4 = 0x01
 COMPRESS_THRESHOLD = 64 * 1024
 PICKLE_PROTOCOL = 5
+MAX_FRAME_ENV = "SKYWARD_MAX_FRAME_BYTES"
 
 
 class Kind(IntEnum):
@@ -65,15 +73,62 @@ def encode_obj(kind: Kind, obj: object) -> bytes:
     return encode(kind, pickle.dumps(obj, protocol=PICKLE_PROTOCOL))
 
 
+# --- limits ---------------------------------------------------------------------------------
+
+_memory: int | None = None
+
+
+def max_frame_bytes() -> int:
+    """The largest frame body (and decompressed body) this process reads, in bytes.
+
+    ``SKYWARD_MAX_FRAME_BYTES`` when set (read at each frame, so ``Image.env`` sets it
+    on an agent too), else this machine's physical memory: a larger frame could not
+    be held anyway, and a corrupt length is refused instead of allocated.
+    """
+    configured = os.environ.get(MAX_FRAME_ENV)
+    if configured:
+        try:
+            value = int(configured)
+        except ValueError:
+            value = 0
+        if value <= 0:
+            raise ValueError(
+                f"{MAX_FRAME_ENV}={configured!r} is not a positive number of bytes: set it "
+                "to the largest frame to accept (e.g. 17179869184 for 16 GiB) or unset it"
+            )
+        return value
+    global _memory
+    if _memory is None:
+        try:
+            _memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (AttributeError, OSError, ValueError):
+            _memory = 1 << 40
+    return _memory
+
+
+def _limit_hint(limit: int) -> str:
+    return (
+        f"the limit of {limit} bytes ({MAX_FRAME_ENV}, by default this machine's memory): "
+        f"raise {MAX_FRAME_ENV} on the reading side if such large arguments or results are "
+        "expected, otherwise the peer is not a Skyward process of this version"
+    )
+
+
 # --- reading --------------------------------------------------------------------------------
 
 
-def read_frame(stream: IO[bytes]) -> tuple[Kind, bytes, int] | None:
-    """Read one frame; return ``(kind, body, wire_size)`` or ``None`` at end of stream."""
-    header = _read_exact(stream, HEADER.size)
+def read_frame(stream: IO[bytes], limit: int | None = None) -> tuple[Kind, bytes, int] | None:
+    """Read one frame; return ``(kind, body, wire_size)``, or ``None`` at the end of the
+    stream between two frames.
+
+    Raises :class:`~skyward.errors.ProtocolError` for a stream that is not Skyward
+    frames, that ends inside a frame, or whose frame is above ``limit`` bytes
+    (default :func:`max_frame_bytes`), compressed or not.
+    """
+    header = _read_exact(stream, HEADER.size, "frame header", at_boundary=True)
     if header is None:
         return None
-    magic, protocol, kind, flags, length = HEADER.unpack(header)
+    magic, protocol, code, flags, length = HEADER.unpack(header)
     if magic != MAGIC:
         raise ProtocolError(
             f"unexpected bytes on the agent channel ({header!r}): something other than the "
@@ -84,30 +139,66 @@ def read_frame(stream: IO[bytes]) -> tuple[Kind, bytes, int] | None:
             f"agent speaks protocol {protocol}, this client speaks {PROTOCOL}: install the same "
             "skyward version on both sides"
         )
-    body = _read_exact(stream, length) if length else b""
-    if body is None:
-        return None
-    size = HEADER.size + length
+    try:
+        kind = Kind(code)
+    except ValueError:
+        raise ProtocolError(f"unknown frame kind {code} (the peer runs another version)") from None
+    if limit is None:
+        limit = max_frame_bytes()
+    if length > limit:
+        raise ProtocolError(f"a {kind.name} frame of {length} bytes is above {_limit_hint(limit)}")
+    body = _read_exact(stream, length, f"{kind.name} frame of {length} bytes") if length else b""
+    assert body is not None
     if flags & FLAG_LZ4:
-        body = lz4.frame.decompress(body)
-    return Kind(kind), body, size
+        body = _decompress(body, limit, kind)
+    return kind, body, HEADER.size + length
 
 
-def _read_exact(stream: IO[bytes], n: int) -> bytes | None:
+def _read_exact(stream: IO[bytes], n: int, what: str, at_boundary: bool = False) -> bytes | None:
+    """``n`` bytes; ``None`` only when ``at_boundary`` and the stream ends before the first."""
     data = stream.read(n)
-    if not data:
-        return None
     if len(data) == n:
         return data
+    if not data and at_boundary:
+        return None
     chunks = [data]
     got = len(data)
     while got < n:
         more = stream.read(n - got)
         if not more:
-            return None
+            raise ProtocolError(
+                f"the stream ended inside a {what} ({got} of {n} bytes read): the peer "
+                "exited or the connection was cut while it was writing"
+            )
         chunks.append(more)
         got += len(more)
     return b"".join(chunks)
+
+
+def _decompress(body: bytes, limit: int, kind: Kind) -> bytes:
+    """Decompress an lz4 body, producing at most its declared size (itself within ``limit``)."""
+    try:
+        size = int(lz4.frame.get_frame_info(body)["content_size"])
+    except (RuntimeError, KeyError, TypeError, ValueError) as exc:
+        raise ProtocolError(f"a {kind.name} frame's lz4 body is malformed: {exc}") from None
+    if size <= 0:
+        raise ProtocolError(
+            f"a {kind.name} frame's lz4 body does not declare its size (Skyward always does)"
+        )
+    if size > limit:
+        raise ProtocolError(
+            f"a {kind.name} frame decompresses to {size} bytes, above {_limit_hint(limit)}"
+        )
+    decompressor = lz4.frame.LZ4FrameDecompressor()
+    try:
+        data = decompressor.decompress(body, max_length=size)
+    except RuntimeError as exc:
+        raise ProtocolError(f"a {kind.name} frame's lz4 body is corrupt: {exc}") from None
+    if len(data) != size or not decompressor.eof or decompressor.unused_data:
+        raise ProtocolError(
+            f"a {kind.name} frame's lz4 body does not match its declared size of {size} bytes"
+        )
+    return data
 
 
 # --- dispatch -------------------------------------------------------------------------------
@@ -137,11 +228,11 @@ class Dispatch:
         self.handlers = dict(handlers)
         self.on_frame = on_frame
 
-    def run(self, stream: IO[bytes]) -> bool:
+    def run(self, stream: IO[bytes], limit: int | None = None) -> bool:
         """Handle frames from ``stream`` until it ends (return ``True``) or a handler
         returns :data:`STOP` (return ``False``); errors propagate."""
         while True:
-            frame = read_frame(stream)
+            frame = read_frame(stream, limit)
             if frame is None:
                 return True
             kind, body, size = frame

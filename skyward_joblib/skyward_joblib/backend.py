@@ -25,8 +25,6 @@ from joblib._parallel_backends import (
     ThreadingBackend,
 )
 
-from skyward.compute import ComputeStateError, current
-from skyward.scheduler import NoWorkersError
 from skyward_joblib import activation
 from skyward_joblib.feeder import feeder
 from skyward_joblib.worker import RemoteBatch, in_agent
@@ -100,6 +98,9 @@ class SkywardBackend(AutoBatchingMixin, ParallelBackendBase):
 
     def resolve(self) -> Compute:
         """The running ``Compute`` this backend dispatches to; a clear error if there is none."""
+        # Imported here: an agent imports this module too, and must not load the client.
+        from skyward.compute import ComputeStateError, current
+
         compute = self.compute or activation.active_compute() or current()
         if compute is None:
             raise NoComputeError(
@@ -125,6 +126,8 @@ class SkywardBackend(AutoBatchingMixin, ParallelBackendBase):
             return 1
         slots = self.resolve().total_slots
         if slots < 1:
+            from skyward.scheduler import NoWorkersError
+
             raise NoWorkersError(
                 "joblib backend 'skyward': the cluster has no live worker node left; "
                 "check the nodes' stderr for the cause and start a new Compute"
@@ -210,6 +213,8 @@ class SkywardBackend(AutoBatchingMixin, ParallelBackendBase):
             target = self._call or self._target
         try:
             if target is None:
+                from skyward.compute import ComputeStateError
+
                 raise ComputeStateError("joblib backend 'skyward' was used after its call ended")
             remote = target.submit(task)
         except BaseException as exc:  # noqa: BLE001 - reported through the batch's future

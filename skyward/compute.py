@@ -351,7 +351,7 @@ class Compute(Executor):
             if chunksize == 1:
                 futures = [call.submit(fn, *args) for args in zip(*iterables, strict=False)]
                 return _results(futures, end)
-            runner = _ChunkRunner(fn)
+            runner = wire.ChunkRunner(fn)
             chunks = _chunks(zip(*iterables, strict=False), chunksize)
             batches = [call.submit(runner, chunk) for chunk in chunks]
         return (value for chunk in _results(batches, end) for value in chunk)
@@ -462,14 +462,6 @@ def _results(futures: list[Future[T]], end: float | None) -> Iterator[T]:
     finally:
         for future in futures:
             future.cancel()
-
-
-class _ChunkRunner:
-    def __init__(self, fn: Callable[..., Any]) -> None:
-        self.fn = fn
-
-    def __call__(self, chunk: list[tuple[Any, ...]]) -> list[Any]:
-        return [self.fn(*args) for args in chunk]
 
 
 def _chunks(items: Iterable[tuple[Any, ...]], size: int) -> Iterator[list[tuple[Any, ...]]]:

@@ -1,12 +1,28 @@
-"""Skyward's exceptions.
+"""Every public exception of Skyward, in one leaf module.
 
-For now the errors of starting and removing nodes, which every provider raises
-(the other exceptions still live beside the code that raises them).
+It imports nothing from skyward, so the agent, the wire layer and the client
+all raise from here; ``skyward.<Name>`` re-exports the ones users catch.
 """
 
 from __future__ import annotations
 
-__all__ = ["AWSCleanupError", "BootstrapError", "CostLimitError", "HostKeyError", "NodeStartError"]
+__all__ = [
+    "AWSCleanupError",
+    "BootstrapError",
+    "ComputeStateError",
+    "CostLimitError",
+    "HostKeyError",
+    "MissingBlobError",
+    "NoWorkersError",
+    "NodeStartError",
+    "PinConflictError",
+    "PluginError",
+    "ProtocolError",
+    "RemoteError",
+    "UnpicklableTaskError",
+    "VersionMismatchError",
+    "WorkerDiedError",
+]
 
 
 class NodeStartError(RuntimeError):
@@ -33,17 +49,6 @@ class CostLimitError(ValueError):
     """A cluster's estimated hourly cost is above ``sky.AWS(max_hourly_cost=...)``."""
 
 
-# --- client
-
-__all__ += [
-    "ComputeStateError",
-    "NoWorkersError",
-    "PinConflictError",
-    "PluginError",
-    "WorkerDiedError",
-]
-
-
 class ComputeStateError(RuntimeError):
     """A ``Compute`` was used outside its ``with`` block, or entered twice."""
 
@@ -62,3 +67,24 @@ class PinConflictError(ValueError):
 
 class PluginError(TypeError):
     """An object passed in ``plugins=[...]`` is not a usable plugin."""
+
+
+class ProtocolError(RuntimeError):
+    """The byte stream does not carry well-formed Skyward frames (wrong peer, output on the
+    agent's stdout, a truncated frame, or a frame above the size limit)."""
+
+
+class RemoteError(Exception):
+    """A task failed with an exception that could not be recreated on the client."""
+
+
+class VersionMismatchError(RuntimeError):
+    """Client and agent run versions that cannot exchange pickled tasks."""
+
+
+class UnpicklableTaskError(TypeError):
+    """A task (function or argument) cannot be serialized for the cluster."""
+
+
+class MissingBlobError(LookupError):
+    """A task references a blob the agent does not hold."""

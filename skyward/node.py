@@ -141,29 +141,35 @@ class Node:
         scheduler = self._scheduler
         assert scheduler is not None
         reason = "its channel closed (agent process exited or connection lost)"
+
+        def bye(body: bytes) -> object:  # the agent gives up, and says why
+            nonlocal reason
+            reason = f"the agent stopped: {pickle.loads(body)}"
+            return wire.STOP
+
+        frames = wire.Dispatch(
+            {
+                Kind.RESULT: lambda body: scheduler.on_results(self, pickle.loads(body)),
+                Kind.HEARTBEAT: self._heartbeat,
+                Kind.NEED_BLOB: lambda body: self.resend_blob(pickle.loads(body)),
+                Kind.BYE: bye,
+                Kind.MESSAGE: lambda body: self.on_message(self, body),
+            },
+            on_frame=self._received,
+        )
         try:
-            while True:
-                frame = wire.read_frame(self.channel.reader)
-                if frame is None:
-                    break
-                kind, body, size = frame
-                self.bytes_received += size
-                self.last_heard = time.monotonic()
-                if kind == Kind.RESULT:
-                    scheduler.on_results(self, pickle.loads(body))
-                elif kind == Kind.HEARTBEAT:
-                    self.agent_stats = pickle.loads(body)
-                    self.heartbeats += 1
-                elif kind == Kind.NEED_BLOB:
-                    self.resend_blob(pickle.loads(body))
-                elif kind == Kind.BYE:  # the agent gives up, and says why
-                    reason = f"the agent stopped: {pickle.loads(body)}"
-                    break
-                elif kind == Kind.MESSAGE:
-                    self.on_message(self, body)
+            frames.run(self.channel.reader)
         except Exception as exc:  # noqa: BLE001
             reason = f"reading from it failed: {type(exc).__name__}: {exc}"
         scheduler.node_lost(self, reason)
+
+    def _received(self, size: int) -> None:
+        self.bytes_received += size
+        self.last_heard = time.monotonic()
+
+    def _heartbeat(self, body: bytes) -> None:
+        self.agent_stats = pickle.loads(body)
+        self.heartbeats += 1
 
     def _broken(self) -> None:
         if self._scheduler is not None:

@@ -33,7 +33,7 @@ PORT = int(os.environ.get("SKYWARD_TEST_SSHD_PORT", "2222"))
 ADDRESSES = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
 # Packages of the test wheelhouse: what the agent imports, plus joblib (the joblib plugin's
 # pin) and threadpoolctl (a marker a task can import to prove the offline install).
-WHEELHOUSE_PACKAGES = ("cloudpickle", "lz4", "pluggy", "packaging", "joblib", "threadpoolctl")
+WHEELHOUSE_PACKAGES = ("cloudpickle", "lz4", "joblib", "threadpoolctl")
 
 
 class SSHDError(RuntimeError):

@@ -20,7 +20,7 @@ from sshd_hosts import SSHDCluster
 from test_ssh_provider import make_provider
 
 import skyward as sky
-from skyward.bootstrap import wheel_from_installed
+from skyward.bootstrap.wheels import wheel_from_installed
 
 transport = pytest.importorskip("sklearn.callback._transport")
 

@@ -36,6 +36,12 @@ def test_venv_and_pip_when_the_host_has_no_uv(tmp_path: Path, ssh_wheelhouse: st
     check = "import skyward.agent, threadpoolctl, cloudpickle; print(threadpoolctl.__file__)"
     out = subprocess.run([python, "-c", check], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.startswith(str(tmp_path / "envs")), out.stderr
+    # The agent carries nothing of the client: none of the client's dependencies is installed.
+    absent = (
+        "import importlib.util as u; print([m for m in ('pluggy', 'paramiko') if u.find_spec(m)])"
+    )
+    out = subprocess.run([python, "-c", absent], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
     assert host_side("probe", base)["ready"] is True
     assert host_side("prepare", args)["steps"] == []  # already complete: nothing redone
     # The agent command's own readiness check agrees (it execs the agent when ready).

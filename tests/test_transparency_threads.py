@@ -16,7 +16,7 @@ from joblib import Parallel, delayed, parallel_config
 from joblib._parallel_backends import ParallelBackendBase
 
 import skyward as sky
-from skyward.cpus import cpu_count
+from skyward.agent.cpus import cpu_count
 
 pytestmark = pytest.mark.timeout(120)
 

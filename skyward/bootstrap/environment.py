@@ -73,8 +73,6 @@ def _packages(image: Image, exclude: set[str]) -> list[str]:
     agent_needs = {
         "cloudpickle": f"cloudpickle=={cloudpickle.__version__}",
         "lz4": "lz4>=4.0",
-        "pluggy": "pluggy>=1.3",
-        "packaging": "packaging>=22",
     }
     return wanted + [req for name, req in agent_needs.items() if name not in names]
 

@@ -12,8 +12,8 @@ import sys
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
+from skyward.agent.cpus import NODE_CPUS_ENV, node_cpus
 from skyward.channel import Channel, PipeChannel
-from skyward.cpus import NODE_CPUS_ENV, node_cpus
 from skyward.providers import ClusterSpec, Launcher, Provider
 
 

@@ -28,8 +28,8 @@ from joblib._parallel_backends import (
     ThreadingBackend,
 )
 
-from skyward.compute import ComputeStateError, current, running_here
-from skyward.scheduler import NoWorkersError
+from skyward.errors import ComputeStateError, NoWorkersError
+from skyward.safety import current, running_here
 from skyward_joblib import activation, threads
 from skyward_joblib.feeder import feeder
 from skyward_joblib.worker import RemoteBatch, in_agent

@@ -22,7 +22,7 @@ def in_agent() -> bool:
     if _in_agent:
         return True
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    return getattr(spec, "name", None) == "skyward.agent"
+    return getattr(spec, "name", None) in ("skyward.agent", "skyward.agent.__main__")
 
 
 class RemoteBatch:

@@ -25,7 +25,7 @@ import pytest
 from joblib import parallel
 
 import skyward as sky
-from skyward.cpus import cpu_count
+from skyward.agent.cpus import cpu_count
 from skyward_joblib import SkywardBackend, activation
 
 _stack = ExitStack()

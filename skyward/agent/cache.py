@@ -1,0 +1,72 @@
+"""The agent's blob cache: blobs by key, least recently used evicted beyond a capacity."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Any
+
+from skyward import wire
+
+DEFAULT_CACHE_BYTES = 4 * 1024**3
+
+
+class BlobCache:
+    """Blobs by key, least recently used evicted beyond ``capacity`` bytes.
+
+    Thread mode keeps the unpickled object (arrays made read-only, as loky's
+    memmaps are); process mode keeps the raw bytes to forward to child slots.
+    """
+
+    def __init__(self, capacity: int, keep_bytes: bool) -> None:
+        self.capacity = capacity
+        self.keep_bytes = keep_bytes
+        self._entries: OrderedDict[str, tuple[int, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.size = 0
+        self.hits = 0
+        self.misses = 0
+        self.received = 0
+
+    def put(self, key: str, data: bytes) -> Any:
+        """Hold blob ``key``; return its value (the object, or the bytes in process mode)."""
+        value: Any = data
+        if not self.keep_bytes:
+            value = wire.loads_blob(data)
+            if type(value).__name__ == "ndarray" and hasattr(value, "setflags"):
+                value.setflags(write=False)
+        with self._lock:
+            self.received += 1
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self.size -= old[0]
+            self._entries[key] = (len(data), value)
+            self.size += len(data)
+            while self.size > self.capacity and len(self._entries) > 1:
+                _, (size, _) = self._entries.popitem(last=False)
+                self.size -= size
+        return value
+
+    def lookup(self, keys: tuple[str, ...]) -> tuple[dict[str, Any], list[str]]:
+        """Return the held values for ``keys`` and the keys that are missing."""
+        found: dict[str, Any] = {}
+        missing: list[str] = []
+        with self._lock:
+            for key in keys:
+                entry = self._entries.get(key)
+                if entry is None:
+                    missing.append(key)
+                    self.misses += 1
+                else:
+                    self._entries.move_to_end(key)
+                    found[key] = entry[1]
+                    self.hits += 1
+        return found, missing
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "cache_hits": self.hits,
+            "cache_misses": self.misses,
+            "cache_bytes": self.size,
+            "blobs_received": self.received,
+        }

@@ -1,0 +1,99 @@
+"""The protocol spoken between the client and an agent over any byte stream.
+
+- :mod:`~skyward.wire.frames`: the frame header, reading (bounded) and writing
+  frames, their kinds, and :class:`Dispatch`, the table every frame reader uses.
+- :mod:`~skyward.wire.hello`: the versions exchanged in ``HELLO`` and their check.
+- :mod:`~skyward.wire.blobs`: large arguments and by-value functions as blobs, the
+  client's registry of them and the :class:`CallScope` that bounds identity.
+- :mod:`~skyward.wire.payload`: tasks, results and errors pickled and unpickled.
+
+The agent imports this package, so it depends only on the standard library,
+cloudpickle, lz4 and :mod:`skyward.errors`. Its names are re-exported here.
+"""
+
+from __future__ import annotations
+
+from skyward.errors import (
+    MissingBlobError,
+    ProtocolError,
+    RemoteError,
+    UnpicklableTaskError,
+    VersionMismatchError,
+)
+from skyward.wire.blobs import (
+    BLOB_THRESHOLD,
+    REUSE_THRESHOLD,
+    Blob,
+    BlobRegistry,
+    CallScope,
+    FunctionBlob,
+)
+from skyward.wire.frames import (
+    COMPRESS_THRESHOLD,
+    FLAG_LZ4,
+    HEADER,
+    MAGIC,
+    MAX_FRAME_ENV,
+    PICKLE_PROTOCOL,
+    PROTOCOL,
+    STOP,
+    Dispatch,
+    Kind,
+    Outbox,
+    Status,
+    encode,
+    encode_obj,
+    max_frame_bytes,
+    read_frame,
+)
+from skyward.wire.hello import check_compatible, versions
+from skyward.wire.payload import (
+    ChunkRunner,
+    UnloadableBlob,
+    dumps_error,
+    dumps_result,
+    dumps_task,
+    loads_blob,
+    loads_error,
+    loads_task,
+)
+
+__all__ = [
+    "BLOB_THRESHOLD",
+    "COMPRESS_THRESHOLD",
+    "FLAG_LZ4",
+    "HEADER",
+    "MAGIC",
+    "MAX_FRAME_ENV",
+    "PICKLE_PROTOCOL",
+    "PROTOCOL",
+    "REUSE_THRESHOLD",
+    "STOP",
+    "Blob",
+    "BlobRegistry",
+    "CallScope",
+    "ChunkRunner",
+    "Dispatch",
+    "FunctionBlob",
+    "Kind",
+    "MissingBlobError",
+    "Outbox",
+    "ProtocolError",
+    "RemoteError",
+    "Status",
+    "UnloadableBlob",
+    "UnpicklableTaskError",
+    "VersionMismatchError",
+    "check_compatible",
+    "dumps_error",
+    "dumps_result",
+    "dumps_task",
+    "encode",
+    "encode_obj",
+    "loads_blob",
+    "loads_error",
+    "loads_task",
+    "max_frame_bytes",
+    "read_frame",
+    "versions",
+]

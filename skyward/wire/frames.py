@@ -1,0 +1,322 @@
+"""Frames: the header, reading and writing them, their kinds, and the limits on reading.
+
+A frame is a fixed header ``magic | protocol | kind | flags | length`` followed by
+``length`` bytes of body. Bodies above :data:`COMPRESS_THRESHOLD` bytes are
+compressed with ``lz4.frame`` (flag :data:`FLAG_LZ4`) when that makes them smaller.
+
+Reading is bounded: a length above :func:`max_frame_bytes` is refused before
+anything is allocated for it, a compressed body must declare its decompressed
+size (``lz4.frame`` stores it) within the same limit and may not produce more, and
+a stream that ends inside a frame is a :class:`~skyward.errors.ProtocolError`
+(only an end exactly between two frames is the clean end of a conversation).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+import threading
+from collections import deque
+from collections.abc import Callable, Mapping
+from enum import IntEnum
+from typing import IO, Any, Final
+
+import lz4.frame
+
+from skyward.errors import ProtocolError
+
+MAGIC = b"SK"
+PROTOCOL = 1
+HEADER = struct.Struct("!2sBBBQ")
+FLAG_LZ4 = 0x01
+COMPRESS_THRESHOLD = 64 * 1024
+PICKLE_PROTOCOL = 5
+MAX_FRAME_ENV = "SKYWARD_MAX_FRAME_BYTES"
+
+
+class Kind(IntEnum):
+    """Frame kinds."""
+
+    HELLO = 1
+    TASK = 2
+    RESULT = 3
+    BLOB = 4
+    CANCEL = 5
+    HEARTBEAT = 6
+    BYE = 7
+    NEED_BLOB = 8
+    MESSAGE = 9  # a task's message to the client (skyward.agent.emit), and the reply
+
+
+class Status(IntEnum):
+    """How a task ended, as reported in a ``RESULT`` frame."""
+
+    OK = 0
+    ERROR = 1
+    CANCELLED = 2
+    WORKER_DIED = 3
+
+
+def encode(kind: Kind, body: bytes, compress: bool = True) -> bytes:
+    """Return one frame carrying ``body``."""
+    flags = 0
+    if compress and len(body) > COMPRESS_THRESHOLD:
+        packed = lz4.frame.compress(body, compression_level=0)
+        if len(packed) < len(body):
+            body, flags = packed, FLAG_LZ4
+    return HEADER.pack(MAGIC, PROTOCOL, kind, flags, len(body)) + body
+
+
+def encode_obj(kind: Kind, obj: object) -> bytes:
+    """Return one frame whose body is ``obj`` pickled (plain pickle: protocol data only)."""
+    return encode(kind, pickle.dumps(obj, protocol=PICKLE_PROTOCOL))
+
+
+# --- limits ---------------------------------------------------------------------------------
+
+_memory: int | None = None
+
+
+def max_frame_bytes() -> int:
+    """The largest frame body (and decompressed body) this process reads, in bytes.
+
+    ``SKYWARD_MAX_FRAME_BYTES`` when set (read at each frame, so ``Image.env`` sets it
+    on an agent too), else this machine's physical memory: a larger frame could not
+    be held anyway, and a corrupt length is refused instead of allocated.
+    """
+    configured = os.environ.get(MAX_FRAME_ENV)
+    if configured:
+        try:
+            value = int(configured)
+        except ValueError:
+            value = 0
+        if value <= 0:
+            raise ValueError(
+                f"{MAX_FRAME_ENV}={configured!r} is not a positive number of bytes: set it "
+                "to the largest frame to accept (e.g. 17179869184 for 16 GiB) or unset it"
+            )
+        return value
+    global _memory
+    if _memory is None:
+        try:
+            _memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (AttributeError, OSError, ValueError):
+            _memory = 1 << 40
+    return _memory
+
+
+def _limit_hint(limit: int) -> str:
+    return (
+        f"the limit of {limit} bytes ({MAX_FRAME_ENV}, by default this machine's memory): "
+        f"raise {MAX_FRAME_ENV} on the reading side if such large arguments or results are "
+        "expected, otherwise the peer is not a Skyward process of this version"
+    )
+
+
+# --- reading --------------------------------------------------------------------------------
+
+
+def read_frame(stream: IO[bytes], limit: int | None = None) -> tuple[Kind, bytes, int] | None:
+    """Read one frame; return ``(kind, body, wire_size)``, or ``None`` at the end of the
+    stream between two frames.
+
+    Raises :class:`~skyward.errors.ProtocolError` for a stream that is not Skyward
+    frames, that ends inside a frame, or whose frame is above ``limit`` bytes
+    (default :func:`max_frame_bytes`), compressed or not.
+    """
+    header = _read_exact(stream, HEADER.size, "frame header", at_boundary=True)
+    if header is None:
+        return None
+    magic, protocol, code, flags, length = HEADER.unpack(header)
+    if magic != MAGIC:
+        raise ProtocolError(
+            f"unexpected bytes on the agent channel ({header!r}): something other than the "
+            "Skyward agent wrote to its stdout (a login banner or a shell profile that prints?)"
+        )
+    if protocol != PROTOCOL:
+        raise ProtocolError(
+            f"agent speaks protocol {protocol}, this client speaks {PROTOCOL}: install the same "
+            "skyward version on both sides"
+        )
+    try:
+        kind = Kind(code)
+    except ValueError:
+        raise ProtocolError(f"unknown frame kind {code} (the peer runs another version)") from None
+    if limit is None:
+        limit = max_frame_bytes()
+    if length > limit:
+        raise ProtocolError(f"a {kind.name} frame of {length} bytes is above {_limit_hint(limit)}")
+    body = _read_exact(stream, length, f"{kind.name} frame of {length} bytes") if length else b""
+    assert body is not None
+    if flags & FLAG_LZ4:
+        body = _decompress(body, limit, kind)
+    return kind, body, HEADER.size + length
+
+
+def _read_exact(stream: IO[bytes], n: int, what: str, at_boundary: bool = False) -> bytes | None:
+    """``n`` bytes; ``None`` only when ``at_boundary`` and the stream ends before the first."""
+    data = stream.read(n)
+    if len(data) == n:
+        return data
+    if not data and at_boundary:
+        return None
+    chunks = [data]
+    got = len(data)
+    while got < n:
+        more = stream.read(n - got)
+        if not more:
+            raise ProtocolError(
+                f"the stream ended inside a {what} ({got} of {n} bytes read): the peer "
+                "exited or the connection was cut while it was writing"
+            )
+        chunks.append(more)
+        got += len(more)
+    return b"".join(chunks)
+
+
+def _decompress(body: bytes, limit: int, kind: Kind) -> bytes:
+    """Decompress an lz4 body, producing at most its declared size (itself within ``limit``)."""
+    try:
+        size = int(lz4.frame.get_frame_info(body)["content_size"])
+    except (RuntimeError, KeyError, TypeError, ValueError) as exc:
+        raise ProtocolError(f"a {kind.name} frame's lz4 body is malformed: {exc}") from None
+    if size <= 0:
+        raise ProtocolError(
+            f"a {kind.name} frame's lz4 body does not declare its size (Skyward always does)"
+        )
+    if size > limit:
+        raise ProtocolError(
+            f"a {kind.name} frame decompresses to {size} bytes, above {_limit_hint(limit)}"
+        )
+    decompressor = lz4.frame.LZ4FrameDecompressor()
+    try:
+        data = decompressor.decompress(body, max_length=size)
+    except RuntimeError as exc:
+        raise ProtocolError(f"a {kind.name} frame's lz4 body is corrupt: {exc}") from None
+    if len(data) != size or not decompressor.eof or decompressor.unused_data:
+        raise ProtocolError(
+            f"a {kind.name} frame's lz4 body does not match its declared size of {size} bytes"
+        )
+    return data
+
+
+# --- dispatch -------------------------------------------------------------------------------
+
+STOP: Final = object()
+"""What a :class:`Dispatch` handler returns to end the reading loop."""
+
+Handler = Callable[[bytes], object]
+
+
+class Dispatch:
+    """One reader's table from frame kind to handler, and the loop that applies it.
+
+    Each reader of frames (the agent's main loop, a process slot's reader, the
+    client's node reader) registers a handler per kind it expects; a frame of any
+    other kind is a :class:`~skyward.errors.ProtocolError`. A handler receives the
+    frame's body; it returns :data:`STOP` to end the loop.
+
+    Args:
+        handlers: the handler for each expected kind.
+        on_frame: called with each frame's size on the wire before its handler runs.
+    """
+
+    def __init__(
+        self, handlers: Mapping[Kind, Handler], on_frame: Callable[[int], object] | None = None
+    ) -> None:
+        self.handlers = dict(handlers)
+        self.on_frame = on_frame
+
+    def run(self, stream: IO[bytes], limit: int | None = None) -> bool:
+        """Handle frames from ``stream`` until it ends (return ``True``) or a handler
+        returns :data:`STOP` (return ``False``); errors propagate."""
+        while True:
+            frame = read_frame(stream, limit)
+            if frame is None:
+                return True
+            kind, body, size = frame
+            if self.on_frame is not None:
+                self.on_frame(size)
+            handler = self.handlers.get(kind)
+            if handler is None:
+                raise ProtocolError(f"unexpected {kind.name} frame from the peer")
+            if handler(body) is STOP:
+                return False
+
+
+# --- writing --------------------------------------------------------------------------------
+
+
+class Outbox:
+    """Frames queued for the peer; one writer thread coalesces them into few writes.
+
+    Items queued with :meth:`put_item` are gathered per kind into one list-bodied
+    frame per write, after the raw frames queued before them: many small tasks
+    or results cost one frame, one pickle and one syscall.
+    """
+
+    def __init__(
+        self, stream: IO[bytes], on_broken: Callable[[], object], name: str = "skyward-outbox"
+    ) -> None:
+        self._stream = stream
+        self._frames: deque[bytes] = deque()
+        self._items: dict[Kind, list[Any]] = {}
+        self._ready = threading.Condition()
+        self._on_broken = on_broken
+        self.sent = 0
+        self._writing = False
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def put(self, frame: bytes) -> None:
+        """Queue one frame (or several, concatenated)."""
+        with self._ready:
+            if self._closed:
+                return
+            self._frames.append(frame)
+            self._ready.notify()
+
+    def put_item(self, kind: Kind, item: object) -> None:
+        """Queue one item of a list-bodied frame (``TASK`` or ``RESULT``)."""
+        with self._ready:
+            if self._closed:
+                return
+            self._items.setdefault(kind, []).append(item)
+            self._ready.notify()
+
+    @property
+    def pending(self) -> bool:
+        """Whether frames are queued or being written."""
+        return bool(self._frames) or bool(self._items) or self._writing
+
+    def close(self) -> None:
+        """Stop writing; frames not yet written are dropped."""
+        with self._ready:
+            self._closed = True
+            self._frames.clear()
+            self._items.clear()
+            self._ready.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                while not self._frames and not self._items and not self._closed:
+                    self._ready.wait()
+                if self._closed:
+                    return
+                batch = list(self._frames)
+                self._frames.clear()
+                items, self._items = self._items, {}
+                self._writing = True
+            batch.extend(encode_obj(kind, values) for kind, values in items.items())
+            data = b"".join(batch)
+            try:
+                self._stream.write(data)
+                self._stream.flush()
+                self.sent += len(data)
+                self._writing = False
+            except (OSError, ValueError):
+                self._on_broken()
+                return

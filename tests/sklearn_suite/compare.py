@@ -17,6 +17,7 @@ pytest run (e.g. ``-- -k test_search``).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import subprocess
 import sys
@@ -35,10 +36,14 @@ RUN_BUDGET_S = 4 * 3600
 def run(backend: str, out: Path, packages: list[str], extra: list[str]) -> float:
     """Run the suites on ``backend``; junit XML and log go to ``out``. Return the wall time."""
     env = dict(os.environ, SKYWARD_SUITE_BACKEND=backend)
+    # Rooted where scikit-learn is installed, test ids name their package (sklearn.ensemble...).
+    spec = importlib.util.find_spec("sklearn")
+    assert spec is not None and spec.submodule_search_locations, "scikit-learn is not installed"
+    root = Path(spec.submodule_search_locations[0]).parent
     env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     command = [
         *(sys.executable, "-m", "pytest", "--pyargs", *packages),
-        *("-c", str(HERE / "pytest.ini"), "--rootdir", str(out), "-p", "default_backend"),
+        *("-c", str(HERE / "pytest.ini"), "--rootdir", str(root), "-p", "default_backend"),
         *("-q", "-rfE", "--timeout", str(TEST_TIMEOUT_S), f"--junitxml={out / f'{backend}.xml'}"),
         *extra,
     ]

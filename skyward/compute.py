@@ -50,6 +50,10 @@ class Compute(Executor):
     Args:
         provider: where nodes run: ``sky.Local()`` (default), ``sky.SSH(...)``, ``sky.AWS(...)``.
         nodes: number of nodes.
+        min_nodes: nodes that must be up before the block is entered (default: all).
+            The others go on starting in the background and take work as they join;
+            one that fails to start is retried within ``restarts`` and never fails
+            the cluster once ``min_nodes`` are up.
         vcpus: per-node CPU hint for cloud providers.
         memory: per-node memory hint (GiB) for cloud providers.
         worker: slots and executor of each node.
@@ -69,6 +73,7 @@ class Compute(Executor):
         self,
         provider: Provider | None = None,
         nodes: int = 1,
+        min_nodes: int | None = None,
         vcpus: int | None = None,
         memory: float | None = None,
         worker: Worker | None = None,
@@ -88,6 +93,15 @@ class Compute(Executor):
             raise ValueError(
                 f"Compute(nodes={nodes}) is invalid: a cluster needs at least one node, "
                 "use nodes=1 or more"
+            )
+        if min_nodes is None:
+            min_nodes = nodes
+        if isinstance(min_nodes, bool) or not isinstance(min_nodes, int):
+            raise TypeError(f"Compute(min_nodes=...) must be an int or None, got {min_nodes!r}")
+        if not 1 <= min_nodes <= nodes:
+            raise ValueError(
+                f"Compute(nodes={nodes}, min_nodes={min_nodes}) is invalid: min_nodes is how "
+                "many of the nodes must be up before the block is entered, between 1 and nodes"
             )
         if vcpus is not None and (not isinstance(vcpus, int) or vcpus < 1):
             raise ValueError(f"Compute(vcpus={vcpus!r}) must be a positive int or None")
@@ -112,6 +126,7 @@ class Compute(Executor):
         self.plugins: list[object] = list(plugins)
         self._pm = manager(self.plugins)
         self.node_count = nodes
+        self.min_nodes = min_nodes
         self.vcpus = vcpus
         self.memory = memory
         self.max_retries = max_retries
@@ -161,14 +176,31 @@ class Compute(Executor):
             stack.close()
             raise
         self._started_at = time.monotonic()
+        starting = self.node_count - len(self.nodes)
         log.info(
-            "cluster %s ready: %d node(s), %d slot(s) in %.2fs",
+            "cluster %s ready: %d node(s), %d slot(s) in %.2fs%s",
             self.cluster_id,
             len(self.nodes),
             self.total_slots,
             self._started_at - started,
+            f"; {starting} more node(s) joining as they start" if starting > 0 else "",
         )
         return self
+
+    def start(self) -> Compute:
+        """Start the cluster without a ``with`` block (a notebook keeps it across cells).
+
+        ``compute = sky.Compute(...).start()`` is ``with sky.Compute(...) as compute:``
+        without the end of the block: call :meth:`close` when done. Until then the
+        same safety net holds: the cluster stops at interpreter exit and on SIGTERM,
+        and the agents exit on their own when this process dies.
+        """
+        return self.__enter__()
+
+    def close(self) -> None:
+        """Stop a cluster started with :meth:`start`, as leaving a ``with`` block does:
+        submitted tasks finish first. Calling it again does nothing."""
+        self.shutdown(wait=True)
 
     def _start(self, stack: ExitStack) -> None:
         self.image = compose_image(self.base_image, self._pm, self.plugins)
@@ -200,14 +232,11 @@ class Compute(Executor):
         stack.callback(scheduler.stop)
         stack.callback(self._stop_nodes)
         self._display.show(lambda: f"{starter.ready}/{len(launchers)} node(s) ready")
-        self.nodes = starter.open_all()
         monitor = NodeMonitor(self.nodes, scheduler, starter, self.heartbeat_timeout, self.restarts)
         self._monitor = monitor
         stack.callback(monitor.close)
         scheduler.replace = monitor.replace
-        for node in self.nodes:
-            node.start(scheduler)
-        scheduler.add_nodes(self.nodes)
+        monitor.add(starter.open_all(self.min_nodes, monitor.joined))
         monitor.start()
         stack.callback(self._display.close)
         if self.progress:
@@ -299,7 +328,8 @@ class Compute(Executor):
         if self._state != "running" or self._scheduler is None:
             state = "was shut down" if self._state in ("closing", "closed") else "is not started"
             raise ComputeStateError(
-                f"this Compute {state}: call submit/map inside `with sky.Compute(...) as compute:`"
+                f"this Compute {state}: call submit/map inside `with sky.Compute(...) as compute:` "
+                "or between compute.start() and compute.close()"
             )
         return self._scheduler
 
@@ -399,9 +429,18 @@ class Compute(Executor):
         }
 
     def __repr__(self) -> str:
+        live = sum(1 for n in self.nodes if n.alive)
+        tasks = self._scheduler.stats() if self._scheduler is not None else {}
+        work = (
+            f"; tasks {tasks.get('completed', 0)} done, {tasks.get('running', 0)} running, "
+            f"{tasks.get('queued', 0)} queued, {tasks.get('failed', 0)} failed"
+            if tasks
+            else ""
+        )
         return (
-            f"<Compute {self.cluster_id} {self._state} provider={type(self.provider).__name__} "
-            f"nodes={self.node_count} slots/node={self.worker.concurrency}>"
+            f"<Compute {self.cluster_id} {self._state}: {type(self.provider).__name__}, "
+            f"{live}/{self.node_count} node(s) up, {self.total_slots} slot(s) "
+            f"({self.worker.concurrency}/node, {self.worker.executor}){work}>"
         )
 
 

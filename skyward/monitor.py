@@ -6,6 +6,10 @@ agent exit); a node silent for longer than ``heartbeat_timeout`` is declared los
 to the scheduler, which reruns its tasks elsewhere. A lost node is restarted
 through its launcher in the background, ``restarts`` times at most per node,
 while queued work waits for it.
+
+Nodes that join late (an elastic start: ``Compute(min_nodes=...)``) come in
+through :meth:`NodeMonitor.joined`; a late node that fails to start is retried
+within the same ``restarts`` budget and never fails the cluster.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import logging
 import threading
 import time
 from collections import Counter
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from skyward.node import Node
@@ -28,8 +33,8 @@ class NodeMonitor:
     """Heartbeats and restarts for the nodes of one cluster.
 
     Args:
-        nodes: the cluster's nodes, by index; a restarted node replaces its
-            predecessor in this list.
+        nodes: the cluster's live nodes; a restarted node replaces its predecessor
+            in this list, a late one is appended.
         scheduler: told of lost and restarted nodes.
         starter: opens the replacement of a lost node.
         heartbeat_timeout: seconds of silence after which a node is lost.
@@ -76,6 +81,56 @@ class NodeMonitor:
         ).start()
         return True
 
+    def joined(self, index: int, outcome: Future[Node]) -> None:
+        """The outcome of node ``index``'s start, after the cluster was entered: a
+        started node joins the scheduler; a failed start is retried within ``restarts``."""
+        error = outcome.exception()
+        if error is not None:
+            self._start_failed(index, error)
+            return
+        self.add([outcome.result()])
+
+    def add(self, nodes: list[Node]) -> None:
+        """Started nodes join the cluster: read by their threads, given to the scheduler
+        (stopped instead once the cluster is shutting down)."""
+        with self._lock:
+            kept = not self._closed
+            if kept:
+                self.nodes.extend(nodes)
+                for node in nodes:
+                    node.start(self.scheduler)
+        if not kept:
+            for node in nodes:
+                node.stop(timeout=1.0, kill=True)
+            return
+        self.scheduler.add_nodes(nodes)
+        for node in nodes:
+            log.debug("node %s joined: %d slot(s) live", node.name, self.scheduler.live_slots)
+
+    def _start_failed(self, index: int, error: BaseException) -> None:
+        name = self.starter.launchers[index].name
+        with self._lock:
+            if self._closed:
+                return
+            if self._restarted[index] >= self.restarts:
+                log.warning(
+                    "%s did not start, giving up (restarts=%d): %s", name, self.restarts, error
+                )
+                return
+            self._restarted[index] += 1
+        log.warning("%s did not start, retrying: %s", name, error)
+        threading.Thread(
+            target=self._start_late, args=(index,), name=f"skyward-start-{name}", daemon=True
+        ).start()
+
+    def _start_late(self, index: int) -> None:
+        outcome: Future[Node] = Future()
+        try:
+            outcome.set_result(self.starter.open(index))
+        except Exception as exc:  # noqa: BLE001 - retried or logged by joined()
+            outcome.set_exception(exc)
+        self.joined(index, outcome)
+
     def _restart(self, old: Node) -> None:
         old.stop(timeout=1.0, kill=True)
         new: Node | None = None
@@ -88,7 +143,7 @@ class NodeMonitor:
         kept: Node | None = None
         with self._lock:
             if new is not None and not self._closed:
-                self.nodes[old.index] = kept = new
+                self.nodes[self.nodes.index(old)] = kept = new
                 new.start(self.scheduler)
                 log.info("node %s restarted", new.name)
         if new is not None and kept is None:

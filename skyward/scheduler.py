@@ -437,7 +437,12 @@ class Scheduler:
     def stats(self) -> dict[str, Any]:
         """Task counters."""
         with self.lock:
-            return {**dataclasses.asdict(self.counts), "queued": len(self._queue)}
+            running = sum(len(n.inflight) for n in self.nodes)
+            return {
+                **dataclasses.asdict(self.counts),
+                "queued": len(self._queue),
+                "running": running,
+            }
 
 
 def _settle(method: Callable[[Any], None], outcome: Any) -> bool:

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO, Any
 
-from skyward import wire
+from skyward import spot, wire
 from skyward.wire import Kind, Status
 
 DEFAULT_CACHE_BYTES = 4 * 1024**3
@@ -192,6 +192,12 @@ class Agent:
             threading.Thread(
                 target=self._watch_client, args=(idle,), name="skyward-idle", daemon=True
             ).start()
+        # --- spot interruption notices (issue 16; skyward/spot.py) ---
+        endpoint = self.config.get("spot_endpoint") or os.environ.get(spot.ENDPOINT_ENV)
+        if endpoint and not self.child:
+            notice = lambda n: self.post(spot.TOPIC, wire.dumps_result(n), lambda *_: None)  # noqa: E731
+            spot.watch(endpoint, notice, _log)
+        # --- end spot ---
 
     def _watch_client(self, idle_timeout: float) -> None:
         """Exit when the client has been silent too long (a partition never closes stdin)."""

@@ -12,6 +12,7 @@ interpreter exit too.
 from __future__ import annotations
 
 import logging
+import pickle
 import threading
 import time
 import uuid
@@ -21,7 +22,7 @@ from contextlib import ExitStack
 from types import TracebackType
 from typing import Any, TypeVar
 
-from skyward import safety, wire
+from skyward import safety, spot, wire
 from skyward.channel import Channel
 from skyward.errors import ComputeStateError
 from skyward.messages import Handler, MessageHandlers
@@ -224,6 +225,7 @@ class Compute(Executor):
             "idle_timeout": max(60.0, 6 * self.heartbeat_timeout),
             "blob_cache_bytes": self.blob_cache_bytes,
             "initializers": initializers,
+            **self.provider.agent_config(),
         }
         starter = NodeStarter(launchers, hello, self._new_node, self.connect_timeout)
         self._starter = starter
@@ -247,8 +249,17 @@ class Compute(Executor):
 
     def _new_node(self, index: int, channel: Channel) -> Node:
         node = Node(index, channel, self.worker.concurrency, self._blobs)
-        node.on_message = self._messages.deliver
+        node.on_message = self._on_node_message
         return node
+
+    def _on_node_message(self, node: Node, body: bytes) -> None:
+        """A node's ``MESSAGE``: the agent's spot notice is the cluster's, the rest are
+        tasks' messages for the ``on_message`` handlers."""
+        _, topic, payload = pickle.loads(body)
+        if topic == spot.TOPIC and self._monitor is not None:
+            self._monitor.reclaim(node, pickle.loads(payload))
+        else:
+            self._messages.deliver(node, body)
 
     def _task_status(self) -> str:
         tasks = self._scheduler.stats() if self._scheduler is not None else {}
@@ -289,11 +300,13 @@ class Compute(Executor):
             f"{name} {_utilization(n, elapsed):.0%}" for name, n in stats["nodes"].items()
         )
         extra = self.provider.summary(self.cluster_id)
+        reclaims = len(self._monitor.reclaimed) if self._monitor is not None else 0
         return (
             f"cluster {self.cluster_id} summary: {tasks.get('completed', 0)} task(s) done, "
             f"{tasks.get('retried', 0)} retried, {tasks.get('failed', 0)} failed, "
             f"{tasks.get('cancelled', 0)} cancelled; sent {_size(sent)}, received "
             f"{_size(received)} in {elapsed:.1f}s; utilization {usage or 'n/a'}"
+            f"{f'; {reclaims} spot reclaim(s)' if reclaims else ''}"
             f"{f'; {extra}' if extra else ''}"
         )
 
@@ -408,7 +421,8 @@ class Compute(Executor):
         return self._state == "running"
 
     def stats(self, refresh: bool = False, timeout: float = 5.0) -> dict[str, Any]:
-        """Counters: tasks, and per node bytes sent/received, blobs, agent cache hits.
+        """Counters: tasks, spot reclaims, and per node bytes sent/received, blobs, agent
+        cache hits.
 
         With ``refresh``, first ask every live agent for fresh counters, waiting at
         most ``timeout`` seconds for their answers.
@@ -426,6 +440,7 @@ class Compute(Executor):
             "cluster": self.cluster_id,
             "tasks": tasks,
             "nodes": {n.name: n.stats() for n in self.nodes},
+            "reclaims": len(self._monitor.reclaimed) if self._monitor is not None else 0,
         }
 
     def __repr__(self) -> str:

@@ -20,7 +20,9 @@ import time
 from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
+from skyward import spot
 from skyward.node import Node
 from skyward.scheduler import Scheduler
 from skyward.startup import NodeStarter
@@ -47,6 +49,10 @@ class NodeMonitor:
     heartbeat_timeout: float
     restarts: int
     _restarted: Counter[int] = field(default_factory=Counter, init=False)
+    reclaimed: list[Node] = field(default_factory=list, init=False)
+    """Nodes whose spot interruption notice came, in order."""
+    # Nodes being reclaimed and the time.monotonic() by which they are let go.
+    _reclaiming: dict[Node, float] = field(default_factory=dict, init=False)
     _closed: bool = field(default=False, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
     _stop: threading.Event = field(default_factory=threading.Event, init=False)
@@ -150,11 +156,47 @@ class NodeMonitor:
             new.stop(timeout=1.0, kill=True)  # the cluster is shutting down
         self.scheduler.node_replaced(old, kept)
 
+    def reclaim(self, node: Node, notice: dict[str, Any]) -> None:
+        """``node``'s spot instance announced its reclaim: it gets no new work, its
+        running tasks finish while the notice allows (up to :data:`spot.MARGIN`
+        seconds before the reclaim), then it is let go: what it still runs is rerun
+        elsewhere and a replacement starts (within ``restarts``)."""
+        left = spot.seconds_left(notice, time.time())
+        window = max(0.0, (left if left is not None else 120.0) - spot.MARGIN)
+        with self._lock:
+            if node in self._reclaiming or not node.alive:
+                return
+            self._reclaiming[node] = time.monotonic() + window
+            self.reclaimed.append(node)
+        log.warning(
+            "node %s: spot interruption notice (%s); no new work, %.0fs for its %d running task(s)",
+            node.name,
+            notice,
+            window,
+            len(node.inflight),
+        )
+        self.scheduler.drain(node)
+
+    def _let_go(self, now: float) -> None:
+        """Declare lost the reclaimed nodes that are done or out of time."""
+        with self._lock:
+            due = [
+                node
+                for node, deadline in self._reclaiming.items()
+                if node.alive and (not node.inflight or now >= deadline)
+            ]
+            for node in due:
+                del self._reclaiming[node]
+        for node in due:
+            self.scheduler.node_lost(node, "its spot instance is being reclaimed")
+            threading.Thread(target=node.stop, kwargs={"kill": True}, daemon=True).start()
+
     def _run(self) -> None:
         """Send heartbeats; declare a node lost when it has been silent too long."""
         interval = min(1.0, self.heartbeat_timeout / 5)
         while not self._stop.wait(interval):
             now = time.monotonic()
+            self._let_go(now)
             for node in list(self.nodes):
                 if not node.alive:
                     continue

@@ -120,6 +120,8 @@ class Scheduler:
         self._slots: deque[Node] = deque()
         self._extra: deque[Node] = deque()
         self._live = 0
+        # Nodes being reclaimed (spot notice): no new work, their running tasks go on.
+        self._draining: set[Node] = set()
         self._ids = itertools.count()
         self.closed = False
         self.counts = TaskCounts()
@@ -159,13 +161,13 @@ class Scheduler:
                 return None
             while tokens:
                 node = tokens.popleft()
-                if node.alive:
+                if node.alive and node not in self._draining:
                     return node, tokens
         return None
 
     def _release(self, node: Node) -> None:
         """Give back the capacity of a finished task of ``node`` (lock held)."""
-        if node.alive:
+        if node.alive and node not in self._draining:
             busy = len(node.inflight) >= node.concurrency
             (self._extra if busy else self._slots).append(node)
 
@@ -176,8 +178,19 @@ class Scheduler:
 
     @property
     def live_slots(self) -> int:
-        """Slots on the nodes still connected."""
-        return sum(n.concurrency for n in self.nodes if n.alive)
+        """Slots on the nodes still connected (a node being reclaimed no longer counts)."""
+        return sum(n.concurrency for n in self.nodes if n.alive and n not in self._draining)
+
+    def drain(self, node: Node) -> None:
+        """Send ``node`` no more work (its spot instance is being reclaimed); the tasks it
+        runs go on until it is declared lost, which reruns what is left elsewhere."""
+        with self.lock:
+            if not node.alive or node in self._draining:
+                return
+            self._draining.add(node)
+            self._live -= node.concurrency
+            self._changed.notify_all()
+        self._pump()
 
     # --- submit / dispatch ----------------------------------------------------------------
 
@@ -339,7 +352,10 @@ class Scheduler:
             if not node.alive:
                 return
             node.alive = False
-            self._live -= node.concurrency
+            if node in self._draining:
+                self._draining.discard(node)
+            else:
+                self._live -= node.concurrency
             log.warning("node %s lost: %s", node.name, reason)
             records = sorted(node.inflight.values(), key=lambda r: r.id)
             node.inflight.clear()

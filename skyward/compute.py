@@ -68,6 +68,10 @@ class Compute(Executor):
             start-up is always shown there when stderr is a terminal).
         blob_cache_bytes: bytes of large arguments each agent keeps (least recently
             used dropped first; a dropped one is sent again when a task needs it).
+        speculate: start a straggler again on another node when nothing is queued and
+            a slot is idle (a task running 3x the median of its call, 2 s at least);
+            the first copy to finish wins, the other is cancelled. Only for tasks
+            without side effects: a task may run twice, partly or fully.
     """
 
     def __init__(
@@ -87,6 +91,7 @@ class Compute(Executor):
         connect_timeout: float = 120.0,
         progress: bool = False,
         blob_cache_bytes: int = 4 * 1024**3,
+        speculate: bool = False,
     ) -> None:
         if isinstance(nodes, bool) or not isinstance(nodes, int):
             raise TypeError(f"Compute(nodes=...) must be an int >= 1, got {nodes!r}")
@@ -136,6 +141,7 @@ class Compute(Executor):
         self.connect_timeout = connect_timeout
         self.progress = progress
         self.blob_cache_bytes = blob_cache_bytes
+        self.speculate = speculate
         self._display = Progress()
         self.cluster_id = uuid.uuid4().hex[:12]
         self.image: Image = self.base_image
@@ -229,7 +235,7 @@ class Compute(Executor):
         }
         starter = NodeStarter(launchers, hello, self._new_node, self.connect_timeout)
         self._starter = starter
-        scheduler = Scheduler(max_retries=self.max_retries)
+        scheduler = Scheduler(max_retries=self.max_retries, speculate=self.speculate)
         self._scheduler = scheduler
         stack.callback(scheduler.stop)
         stack.callback(self._stop_nodes)
@@ -364,7 +370,7 @@ class Compute(Executor):
         scheduler = self._running_scheduler()
         payload, keys = wire.dumps_task(fn, args, kwargs, self._blobs, scope)
         name = getattr(fn, "__qualname__", None) or type(fn).__name__
-        return scheduler.submit(payload, keys, name)
+        return scheduler.submit(payload, keys, name, None if scope is None else id(scope))
 
     def call(self) -> Call:
         """Start one call made of many tasks (what :meth:`map` and a joblib ``Parallel``

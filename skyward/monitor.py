@@ -197,6 +197,7 @@ class NodeMonitor:
         while not self._stop.wait(interval):
             now = time.monotonic()
             self._let_go(now)
+            self.scheduler.speculate_stragglers()
             for node in list(self.nodes):
                 if not node.alive:
                     continue

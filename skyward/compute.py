@@ -244,6 +244,7 @@ class Compute(Executor):
         self._monitor = monitor
         stack.callback(monitor.close)
         scheduler.replace = monitor.replace
+        scheduler.expect(len(launchers))
         monitor.add(starter.open_all(self.min_nodes, monitor.joined))
         monitor.start()
         stack.callback(self._display.close)

@@ -108,8 +108,9 @@ class NodeMonitor:
         if not kept:
             for node in nodes:
                 node.stop(timeout=1.0, kill=True)
+            self.scheduler.add_nodes([], starts_ended=len(nodes))
             return
-        self.scheduler.add_nodes(nodes)
+        self.scheduler.add_nodes(nodes, starts_ended=len(nodes))
         for node in nodes:
             log.debug("node %s joined: %d slot(s) live", node.name, self.scheduler.live_slots)
 
@@ -118,12 +119,13 @@ class NodeMonitor:
         with self._lock:
             if self._closed:
                 return
-            if self._restarted[index] >= self.restarts:
-                log.warning(
-                    "%s did not start, giving up (restarts=%d): %s", name, self.restarts, error
-                )
-                return
-            self._restarted[index] += 1
+            giving_up = self._restarted[index] >= self.restarts
+            if not giving_up:
+                self._restarted[index] += 1
+        if giving_up:
+            log.warning("%s did not start, giving up (restarts=%d): %s", name, self.restarts, error)
+            self.scheduler.add_nodes([], starts_ended=1)
+            return
         log.warning("%s did not start, retrying: %s", name, error)
         threading.Thread(
             target=self._start_late, args=(index,), name=f"skyward-start-{name}", daemon=True

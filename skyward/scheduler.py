@@ -180,13 +180,24 @@ class Scheduler:
 
     # --- nodes ----------------------------------------------------------------------------
 
-    def add_nodes(self, nodes: Iterable[Node]) -> None:
-        """Add started nodes and their slots."""
+    def add_nodes(self, nodes: Iterable[Node], starts_ended: int = 0) -> None:
+        """Add started nodes and their slots; ``starts_ended`` of the starts announced with
+        :meth:`expect` are over (these nodes, or starts given up)."""
         nodes = list(nodes)
         with self.lock:
+            self.restarting -= starts_ended
             self.nodes.extend(nodes)
             self._add_tokens(nodes)
+            failed = self._fail_if_no_workers()
+            self._changed.notify_all()
+        self._fail_later(failed)
         self._pump()
+
+    def expect(self, count: int) -> None:
+        """``count`` nodes are starting: until :meth:`add_nodes` says their starts are
+        over, queued work waits for them instead of failing for want of a live node."""
+        with self.lock:
+            self.restarting += count
 
     def _add_tokens(self, nodes: list[Node]) -> None:
         width = max((n.concurrency for n in nodes), default=0)

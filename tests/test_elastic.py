@@ -4,6 +4,7 @@ up, the other nodes join while it runs and take work (issue 16)."""
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import tempfile
 import threading
@@ -229,3 +230,32 @@ def test_ssh_host_down_at_start_joins_when_its_sshd_comes_up(
             stop_sshd(proc)  # type: ignore[arg-type]
     assert wait_until(lambda: not ({p.pid for p in bootstrapped_agents()} - before), 5.0)
     assert wait_until(lambda: not late_cluster.sessions(), 5.0)
+
+
+def _slow_on(args: tuple[int, str]) -> int:
+    """Mark the start, then hang on process ``slow``; return at once elsewhere."""
+    slow, folder = args
+    Path(folder, str(os.getpid())).touch()
+    if os.getpid() == slow:
+        time.sleep(60)
+    return os.getpid()
+
+
+def test_work_waits_for_a_late_node_when_the_only_live_node_is_lost(
+    no_agents_left: None, tmp_path: Path
+) -> None:
+    gate = threading.Event()
+    provider = Gated(first_late=1, gate=gate)
+    with sky.Compute(provider, nodes=2, min_nodes=1, restarts=0) as compute:
+        (first,) = compute.nodes
+        assert first.pid is not None
+        future = compute.submit(_slow_on, (first.pid, str(tmp_path)))
+        assert wait_until(lambda: (tmp_path / str(first.pid)).exists(), 30)
+        os.kill(first.pid, signal.SIGKILL)
+        assert wait_until(lambda: not first.alive, 30)
+        # No live node and no restart: the task waits for the node still starting.
+        later = compute.submit(abs, -5)
+        assert not future.done() and not later.done()
+        gate.set()
+        assert later.result(30) == 5
+        assert future.result(30) not in (first.pid, -1)

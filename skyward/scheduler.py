@@ -503,6 +503,8 @@ class Scheduler:
             log.warning("node %s lost: %s", node.name, reason)
             records = sorted(node.inflight.values(), key=lambda r: r.id)
             node.inflight.clear()
+            for task_id in [t for t, n in self._abandoned.items() if n is node]:
+                del self._abandoned[task_id]
             for record in reversed(records):
                 twin = record.twin
                 if twin is not None:  # the other copy runs on: it settles the future

@@ -12,6 +12,7 @@ interpreter exit too.
 from __future__ import annotations
 
 import logging
+import pickle
 import threading
 import time
 import uuid
@@ -22,6 +23,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from skyward import safety, wire
+from skyward.agent import spot
 from skyward.channel import Channel
 from skyward.errors import ComputeStateError
 from skyward.messages import Handler, MessageHandlers
@@ -50,6 +52,10 @@ class Compute(Executor):
     Args:
         provider: where nodes run: ``sky.Local()`` (default), ``sky.SSH(...)``, ``sky.AWS(...)``.
         nodes: number of nodes.
+        min_nodes: nodes that must be up before the block is entered (default: all).
+            The others go on starting in the background and take work as they join;
+            one that fails to start is retried within ``restarts`` and never fails
+            the cluster once ``min_nodes`` are up.
         vcpus: per-node CPU hint for cloud providers.
         memory: per-node memory hint (GiB) for cloud providers.
         worker: slots and executor of each node.
@@ -63,12 +69,17 @@ class Compute(Executor):
             start-up is always shown there when stderr is a terminal).
         blob_cache_bytes: bytes of large arguments each agent keeps (least recently
             used dropped first; a dropped one is sent again when a task needs it).
+        speculate: start a straggler again on another node when nothing is queued and
+            a slot is idle (a task running 3x the median of its call, 2 s at least);
+            the first copy to finish wins, the other is cancelled. Only for tasks
+            without side effects: a task may run twice, partly or fully.
     """
 
     def __init__(
         self,
         provider: Provider | None = None,
         nodes: int = 1,
+        min_nodes: int | None = None,
         vcpus: int | None = None,
         memory: float | None = None,
         worker: Worker | None = None,
@@ -81,6 +92,7 @@ class Compute(Executor):
         connect_timeout: float = 120.0,
         progress: bool = False,
         blob_cache_bytes: int = 4 * 1024**3,
+        speculate: bool = False,
     ) -> None:
         if isinstance(nodes, bool) or not isinstance(nodes, int):
             raise TypeError(f"Compute(nodes=...) must be an int >= 1, got {nodes!r}")
@@ -88,6 +100,15 @@ class Compute(Executor):
             raise ValueError(
                 f"Compute(nodes={nodes}) is invalid: a cluster needs at least one node, "
                 "use nodes=1 or more"
+            )
+        if min_nodes is None:
+            min_nodes = nodes
+        if isinstance(min_nodes, bool) or not isinstance(min_nodes, int):
+            raise TypeError(f"Compute(min_nodes=...) must be an int or None, got {min_nodes!r}")
+        if not 1 <= min_nodes <= nodes:
+            raise ValueError(
+                f"Compute(nodes={nodes}, min_nodes={min_nodes}) is invalid: min_nodes is how "
+                "many of the nodes must be up before the block is entered, between 1 and nodes"
             )
         if vcpus is not None and (not isinstance(vcpus, int) or vcpus < 1):
             raise ValueError(f"Compute(vcpus={vcpus!r}) must be a positive int or None")
@@ -112,6 +133,7 @@ class Compute(Executor):
         self.plugins: list[object] = list(plugins)
         self._pm = manager(self.plugins)
         self.node_count = nodes
+        self.min_nodes = min_nodes
         self.vcpus = vcpus
         self.memory = memory
         self.max_retries = max_retries
@@ -120,6 +142,7 @@ class Compute(Executor):
         self.connect_timeout = connect_timeout
         self.progress = progress
         self.blob_cache_bytes = blob_cache_bytes
+        self.speculate = speculate
         self._display = Progress()
         self.cluster_id = uuid.uuid4().hex[:12]
         self.image: Image = self.base_image
@@ -161,14 +184,31 @@ class Compute(Executor):
             stack.close()
             raise
         self._started_at = time.monotonic()
+        starting = self.node_count - len(self.nodes)
         log.info(
-            "cluster %s ready: %d node(s), %d slot(s) in %.2fs",
+            "cluster %s ready: %d node(s), %d slot(s) in %.2fs%s",
             self.cluster_id,
             len(self.nodes),
             self.total_slots,
             self._started_at - started,
+            f"; {starting} more node(s) joining as they start" if starting > 0 else "",
         )
         return self
+
+    def start(self) -> Compute:
+        """Start the cluster without a ``with`` block (a notebook keeps it across cells).
+
+        ``compute = sky.Compute(...).start()`` is ``with sky.Compute(...) as compute:``
+        without the end of the block: call :meth:`close` when done. Until then the
+        same safety net holds: the cluster stops at interpreter exit and on SIGTERM,
+        and the agents exit on their own when this process dies.
+        """
+        return self.__enter__()
+
+    def close(self) -> None:
+        """Stop a cluster started with :meth:`start`, as leaving a ``with`` block does:
+        submitted tasks finish first. Calling it again does nothing."""
+        self.shutdown(wait=True)
 
     def _start(self, stack: ExitStack) -> None:
         self.image = compose_image(self.base_image, self._pm, self.plugins)
@@ -192,22 +232,21 @@ class Compute(Executor):
             "idle_timeout": max(60.0, 6 * self.heartbeat_timeout),
             "blob_cache_bytes": self.blob_cache_bytes,
             "initializers": initializers,
+            **self.provider.agent_config(),
         }
         starter = NodeStarter(launchers, hello, self._new_node, self.connect_timeout)
         self._starter = starter
-        scheduler = Scheduler(max_retries=self.max_retries)
+        scheduler = Scheduler(max_retries=self.max_retries, speculate=self.speculate)
         self._scheduler = scheduler
         stack.callback(scheduler.stop)
         stack.callback(self._stop_nodes)
         self._display.show(lambda: f"{starter.ready}/{len(launchers)} node(s) ready")
-        self.nodes = starter.open_all()
         monitor = NodeMonitor(self.nodes, scheduler, starter, self.heartbeat_timeout, self.restarts)
         self._monitor = monitor
         stack.callback(monitor.close)
         scheduler.replace = monitor.replace
-        for node in self.nodes:
-            node.start(scheduler)
-        scheduler.add_nodes(self.nodes)
+        scheduler.expect(len(launchers))
+        monitor.add(starter.open_all(self.min_nodes, monitor.joined))
         monitor.start()
         stack.callback(self._display.close)
         if self.progress:
@@ -218,8 +257,17 @@ class Compute(Executor):
 
     def _new_node(self, index: int, channel: Channel) -> Node:
         node = Node(index, channel, self.worker.concurrency, self._blobs)
-        node.on_message = self._messages.deliver
+        node.on_message = self._on_node_message
         return node
+
+    def _on_node_message(self, node: Node, body: bytes) -> None:
+        """A node's ``MESSAGE``: the agent's spot notice is the cluster's, the rest are
+        tasks' messages for the ``on_message`` handlers."""
+        _, topic, payload = pickle.loads(body)
+        if topic == spot.TOPIC and self._monitor is not None:
+            self._monitor.reclaim(node, pickle.loads(payload))
+        else:
+            self._messages.deliver(node, body)
 
     def _task_status(self) -> str:
         tasks = self._scheduler.stats() if self._scheduler is not None else {}
@@ -260,11 +308,13 @@ class Compute(Executor):
             f"{name} {_utilization(n, elapsed):.0%}" for name, n in stats["nodes"].items()
         )
         extra = self.provider.summary(self.cluster_id)
+        reclaims = len(self._monitor.reclaimed) if self._monitor is not None else 0
         return (
             f"cluster {self.cluster_id} summary: {tasks.get('completed', 0)} task(s) done, "
             f"{tasks.get('retried', 0)} retried, {tasks.get('failed', 0)} failed, "
             f"{tasks.get('cancelled', 0)} cancelled; sent {_size(sent)}, received "
             f"{_size(received)} in {elapsed:.1f}s; utilization {usage or 'n/a'}"
+            f"{f'; {reclaims} spot reclaim(s)' if reclaims else ''}"
             f"{f'; {extra}' if extra else ''}"
         )
 
@@ -299,7 +349,8 @@ class Compute(Executor):
         if self._state != "running" or self._scheduler is None:
             state = "was shut down" if self._state in ("closing", "closed") else "is not started"
             raise ComputeStateError(
-                f"this Compute {state}: call submit/map inside `with sky.Compute(...) as compute:`"
+                f"this Compute {state}: call submit/map inside `with sky.Compute(...) as compute:` "
+                "or between compute.start() and compute.close()"
             )
         return self._scheduler
 
@@ -321,7 +372,7 @@ class Compute(Executor):
         scheduler = self._running_scheduler()
         payload, keys = wire.dumps_task(fn, args, kwargs, self._blobs, scope)
         name = getattr(fn, "__qualname__", None) or type(fn).__name__
-        return scheduler.submit(payload, keys, name)
+        return scheduler.submit(payload, keys, name, None if scope is None else id(scope))
 
     def call(self) -> Call:
         """Start one call made of many tasks (what :meth:`map` and a joblib ``Parallel``
@@ -378,7 +429,8 @@ class Compute(Executor):
         return self._state == "running"
 
     def stats(self, refresh: bool = False, timeout: float = 5.0) -> dict[str, Any]:
-        """Counters: tasks, and per node bytes sent/received, blobs, agent cache hits.
+        """Counters: tasks, spot reclaims, and per node bytes sent/received, blobs, agent
+        cache hits.
 
         With ``refresh``, first ask every live agent for fresh counters, waiting at
         most ``timeout`` seconds for their answers.
@@ -396,12 +448,22 @@ class Compute(Executor):
             "cluster": self.cluster_id,
             "tasks": tasks,
             "nodes": {n.name: n.stats() for n in self.nodes},
+            "reclaims": len(self._monitor.reclaimed) if self._monitor is not None else 0,
         }
 
     def __repr__(self) -> str:
+        live = sum(1 for n in self.nodes if n.alive)
+        tasks = self._scheduler.stats() if self._scheduler is not None else {}
+        work = (
+            f"; tasks {tasks.get('completed', 0)} done, {tasks.get('running', 0)} running, "
+            f"{tasks.get('queued', 0)} queued, {tasks.get('failed', 0)} failed"
+            if tasks
+            else ""
+        )
         return (
-            f"<Compute {self.cluster_id} {self._state} provider={type(self.provider).__name__} "
-            f"nodes={self.node_count} slots/node={self.worker.concurrency}>"
+            f"<Compute {self.cluster_id} {self._state}: {type(self.provider).__name__}, "
+            f"{live}/{self.node_count} node(s) up, {self.total_slots} slot(s) "
+            f"({self.worker.concurrency}/node, {self.worker.executor}){work}>"
         )
 
 

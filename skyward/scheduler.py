@@ -10,6 +10,11 @@ its busy slots, hiding the round trip of tiny tasks). They are used only while
 more than one wave of work is queued: in the last wave, a task queued behind a
 busy slot would wait there while another node's slot sits idle.
 
+With ``speculate``, a straggler (a task running much longer than the median of
+its group, while nothing is queued and a slot is idle) is started once more on
+another node; the first copy to answer settles the future and the other is
+cancelled and forgotten.
+
 Futures are resolved on one result thread for the whole client, never on a
 node's I/O thread: unpickling a result and the done-callbacks it triggers are
 user code, and a slow one must not stall the frames (heartbeats) behind it.
@@ -22,7 +27,9 @@ import itertools
 import logging
 import pickle
 import queue
+import statistics
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import CancelledError, Future, InvalidStateError
@@ -34,6 +41,13 @@ from skyward.node import Node
 from skyward.wire import Status
 
 log = logging.getLogger("skyward")
+
+# Speculation: a task is started again once it has run SPECULATE_FACTOR times the
+# median of its group, and SPECULATE_MIN_SECONDS at least, with SPECULATE_SAMPLES
+# finished tasks of the group to take the median of.
+SPECULATE_FACTOR = 3.0
+SPECULATE_MIN_SECONDS = 2.0
+SPECULATE_SAMPLES = 3
 
 
 class SkywardFuture(Future[Any]):
@@ -82,10 +96,28 @@ _NOTIFY_LOCK = threading.Lock()
 class TaskRecord:
     """One submitted task as the scheduler tracks it."""
 
-    __slots__ = ("id", "payload", "keys", "future", "attempts", "node", "name", "deaths")
+    __slots__ = (
+        "id",
+        "payload",
+        "keys",
+        "future",
+        "attempts",
+        "node",
+        "name",
+        "deaths",
+        "group",
+        "started",
+        "twin",
+    )
 
     def __init__(
-        self, task_id: int, payload: bytes, keys: tuple[str, ...], future: SkywardFuture, name: str
+        self,
+        task_id: int,
+        payload: bytes,
+        keys: tuple[str, ...],
+        future: SkywardFuture,
+        name: str,
+        group: object = None,
     ) -> None:
         self.id = task_id
         self.payload = payload
@@ -95,6 +127,9 @@ class TaskRecord:
         self.node: Node | None = None  # set while the task is on a node
         self.name = name
         self.deaths: list[str] = []
+        self.group = group  # tasks whose run times are compared (one call)
+        self.started = 0.0  # time.monotonic() of the last dispatch
+        self.twin: TaskRecord | None = None  # the other copy of a speculated task
 
 
 @dataclasses.dataclass
@@ -106,20 +141,30 @@ class TaskCounts:
     failed: int = 0
     retried: int = 0
     cancelled: int = 0
+    speculated: int = 0
 
 
 class Scheduler:
     """Queues tasks and keeps every live slot busy."""
 
-    def __init__(self, max_retries: int = 2, prefetch: int | None = None) -> None:
+    def __init__(
+        self, max_retries: int = 2, prefetch: int | None = None, speculate: bool = False
+    ) -> None:
         self.max_retries = max_retries
         self.prefetch = prefetch
+        self.speculate = speculate
+        # Run times of finished tasks, by group, for the straggler median.
+        self._durations: dict[object, deque[float]] = {}
+        # Losing copies of speculated tasks still on their node: task id -> node.
+        self._abandoned: dict[int, Node] = {}
         self.lock = threading.Lock()
         self.nodes: list[Node] = []
         self._queue: deque[TaskRecord] = deque()
         self._slots: deque[Node] = deque()
         self._extra: deque[Node] = deque()
         self._live = 0
+        # Nodes being reclaimed (spot notice): no new work, their running tasks go on.
+        self._draining: set[Node] = set()
         self._ids = itertools.count()
         self.closed = False
         self.counts = TaskCounts()
@@ -135,13 +180,24 @@ class Scheduler:
 
     # --- nodes ----------------------------------------------------------------------------
 
-    def add_nodes(self, nodes: Iterable[Node]) -> None:
-        """Add started nodes and their slots."""
+    def add_nodes(self, nodes: Iterable[Node], starts_ended: int = 0) -> None:
+        """Add started nodes and their slots; ``starts_ended`` of the starts announced with
+        :meth:`expect` are over (these nodes, or starts given up)."""
         nodes = list(nodes)
         with self.lock:
+            self.restarting -= starts_ended
             self.nodes.extend(nodes)
             self._add_tokens(nodes)
+            failed = self._fail_if_no_workers()
+            self._changed.notify_all()
+        self._fail_later(failed)
         self._pump()
+
+    def expect(self, count: int) -> None:
+        """``count`` nodes are starting: until :meth:`add_nodes` says their starts are
+        over, queued work waits for them instead of failing for want of a live node."""
+        with self.lock:
+            self.restarting += count
 
     def _add_tokens(self, nodes: list[Node]) -> None:
         width = max((n.concurrency for n in nodes), default=0)
@@ -159,13 +215,13 @@ class Scheduler:
                 return None
             while tokens:
                 node = tokens.popleft()
-                if node.alive:
+                if node.alive and node not in self._draining:
                     return node, tokens
         return None
 
     def _release(self, node: Node) -> None:
         """Give back the capacity of a finished task of ``node`` (lock held)."""
-        if node.alive:
+        if node.alive and node not in self._draining:
             busy = len(node.inflight) >= node.concurrency
             (self._extra if busy else self._slots).append(node)
 
@@ -176,15 +232,31 @@ class Scheduler:
 
     @property
     def live_slots(self) -> int:
-        """Slots on the nodes still connected."""
-        return sum(n.concurrency for n in self.nodes if n.alive)
+        """Slots on the nodes still connected (a node being reclaimed no longer counts)."""
+        return sum(n.concurrency for n in self.nodes if n.alive and n not in self._draining)
+
+    def drain(self, node: Node) -> None:
+        """Send ``node`` no more work (its spot instance is being reclaimed); the tasks it
+        runs go on until it is declared lost, which reruns what is left elsewhere."""
+        with self.lock:
+            if not node.alive or node in self._draining:
+                return
+            self._draining.add(node)
+            self._live -= node.concurrency
+            self._changed.notify_all()
+        self._pump()
 
     # --- submit / dispatch ----------------------------------------------------------------
 
-    def submit(self, payload: bytes, keys: tuple[str, ...], name: str) -> SkywardFuture:
-        """Queue a serialized task; return its future."""
+    def submit(
+        self, payload: bytes, keys: tuple[str, ...], name: str, group: object = None
+    ) -> SkywardFuture:
+        """Queue a serialized task; return its future. ``group`` names the tasks whose run
+        times a straggler is compared with (default: the function's name)."""
         future = SkywardFuture()
-        record = TaskRecord(next(self._ids), payload, keys, future, name)
+        record = TaskRecord(
+            next(self._ids), payload, keys, future, name, name if group is None else group
+        )
         future._record = record
         future._scheduler = self
         with self.lock:
@@ -214,6 +286,7 @@ class Scheduler:
                     continue
                 record.node = node
                 record.attempts += 1
+                record.started = time.monotonic()
                 node.inflight[record.id] = record
                 batches.setdefault(node, []).append(record)
         for node, records in batches.items():
@@ -232,12 +305,18 @@ class Scheduler:
             for task_id, code, payload in results:
                 record = node.inflight.pop(task_id, None)
                 if record is None:
-                    continue  # stale: the node was declared lost and the task rerun elsewhere
+                    if self._abandoned.pop(task_id, None) is node:
+                        self._release(node)  # the losing copy of a speculated task ended
+                    continue  # or stale: the node was declared lost and the task rerun
                 self._release(node)
                 node.tasks_done += 1
                 status = Status(code)
+                if record.twin is not None and self._drop_twin(record, status):
+                    continue
                 if status == Status.WORKER_DIED and self._retry(record, pickle.loads(payload)):
                     continue
+                if status == Status.OK and self.speculate:
+                    self._ran(record)
                 done.append((record, status, payload))
             if done:
                 self._undelivered += 1
@@ -245,6 +324,84 @@ class Scheduler:
         self._pump()
         if done:
             self._jobs.put(lambda: self._resolve_all(done, node))
+
+    def _ran(self, record: TaskRecord) -> None:
+        """Note ``record``'s run time for its group's median (lock held)."""
+        durations = self._durations.pop(record.group, None) or deque(maxlen=256)
+        durations.append(time.monotonic() - record.started)
+        self._durations[record.group] = durations  # most recent group last
+        if len(self._durations) > 64:
+            del self._durations[next(iter(self._durations))]
+
+    def _drop_twin(self, record: TaskRecord, status: Status) -> bool:
+        """``record`` answered and has a speculative twin (lock held): the first answer
+        wins and the other copy is cancelled and forgotten. True if ``record``'s answer
+        is dropped (it is a worker death while the twin still runs)."""
+        twin = record.twin
+        assert twin is not None
+        record.twin = twin.twin = None
+        on_node = twin.node is not None and twin.node.inflight.get(twin.id) is twin
+        if status == Status.WORKER_DIED and on_node:
+            return True
+        if on_node:
+            assert twin.node is not None
+            # Its slot stays taken until the node answers (a frozen node never does).
+            del twin.node.inflight[twin.id]
+            self._abandoned[twin.id] = twin.node
+            twin.node.cancel([twin.id])
+        return False
+
+    def speculate_stragglers(self) -> None:
+        """With ``speculate``, start a second copy of each straggler on another node's
+        idle slot: only while nothing is queued (called every second by the monitor)."""
+        if not self.speculate:
+            return
+        now = time.monotonic()
+        batches: dict[Node, list[TaskRecord]] = {}
+        with self.lock:
+            if self._queue or self.closed:
+                return
+            for record in sorted(
+                (r for n in self.nodes if n.alive for r in n.inflight.values()),
+                key=lambda r: r.started,
+            ):
+                if record.twin is not None or record.future.done():
+                    continue
+                durations = self._durations.get(record.group)
+                if durations is None or len(durations) < SPECULATE_SAMPLES:
+                    continue
+                limit = max(SPECULATE_FACTOR * statistics.median(durations), SPECULATE_MIN_SECONDS)
+                if now - record.started < limit:
+                    continue
+                node = self._idle_slot(avoid=record.node)
+                if node is None:
+                    break
+                copy = TaskRecord(
+                    next(self._ids), record.payload, record.keys, record.future, record.name
+                )
+                copy.group, copy.node, copy.attempts, copy.started = record.group, node, 1, now
+                copy.twin, record.twin = record, copy
+                node.inflight[copy.id] = copy
+                batches.setdefault(node, []).append(copy)
+                self.counts.speculated += 1
+                log.info(
+                    "task %s has run %.1fs on %s (median %.2fs): started again on %s",
+                    record.name,
+                    now - record.started,
+                    record.node.name if record.node is not None else "?",
+                    statistics.median(durations),
+                    node.name,
+                )
+        for node, records in batches.items():
+            node.send_tasks(records)
+
+    def _idle_slot(self, avoid: Node | None) -> Node | None:
+        """Take a free slot token of a live node other than ``avoid`` (lock held)."""
+        for node in list(self._slots):
+            if node is not avoid and node.alive and node not in self._draining:
+                self._slots.remove(node)
+                return node
+        return None
 
     def _retry(self, record: TaskRecord, why: str) -> bool:
         """Requeue ``record`` after a worker death, if it has attempts left (lock held)."""
@@ -339,11 +496,20 @@ class Scheduler:
             if not node.alive:
                 return
             node.alive = False
-            self._live -= node.concurrency
+            if node in self._draining:
+                self._draining.discard(node)
+            else:
+                self._live -= node.concurrency
             log.warning("node %s lost: %s", node.name, reason)
             records = sorted(node.inflight.values(), key=lambda r: r.id)
             node.inflight.clear()
+            for task_id in [t for t, n in self._abandoned.items() if n is node]:
+                del self._abandoned[task_id]
             for record in reversed(records):
+                twin = record.twin
+                if twin is not None:  # the other copy runs on: it settles the future
+                    record.twin = twin.twin = None
+                    continue
                 retried = self._retry(record, f"{node.name} was lost ({reason})")
                 if not retried and not record.future.cancelled():
                     failed.append((record, _lost_error(record, self.max_retries)))
@@ -387,11 +553,14 @@ class Scheduler:
         """
         with self.lock:
             self.counts.cancelled += 1
-            node = record.node
-            on_node = node is not None and node.alive and node.inflight.get(record.id) is record
-        if on_node:
-            assert node is not None
-            node.cancel([record.id])
+            copies = [r for r in (record, record.twin) if r is not None]
+            stops = [
+                (r.node, r.id)
+                for r in copies
+                if r.node is not None and r.node.alive and r.node.inflight.get(r.id) is r
+            ]
+        for node, task_id in stops:
+            node.cancel([task_id])
 
     def close(self, cancel: bool = True) -> None:
         """Refuse new tasks; cancel queued and running ones when ``cancel``."""
@@ -437,7 +606,12 @@ class Scheduler:
     def stats(self) -> dict[str, Any]:
         """Task counters."""
         with self.lock:
-            return {**dataclasses.asdict(self.counts), "queued": len(self._queue)}
+            running = sum(len(n.inflight) for n in self.nodes)
+            return {
+                **dataclasses.asdict(self.counts),
+                "queued": len(self._queue),
+                "running": running,
+            }
 
 
 def _settle(method: Callable[[Any], None], outcome: Any) -> bool:

@@ -9,11 +9,12 @@ started itself.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,15 +56,25 @@ class NodeStarter:
     _aborted: bool = field(default=False, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
 
-    def open_all(self) -> list[Node]:
-        """Open every node concurrently; on a failure stop them all, on Ctrl-C (or
-        SIGTERM) abort the starts in progress.
+    def open_all(
+        self,
+        need: int | None = None,
+        late: Callable[[int, Future[Node]], None] | None = None,
+    ) -> list[Node]:
+        """Open every node concurrently; return once ``need`` of them (default: all) are up.
 
-        An interrupt does not wait for the starts (each bounded in time): they
-        are aborted, and one that still finishes later stops what it started itself
-        (see :meth:`open`). The start threads are daemons, so none delays exit.
+        The nodes still starting then go on in the background: ``late(index, future)``
+        is called with each one's outcome (a started node or its error), and so is each
+        failure among the first ones. Too many failures to reach ``need`` stop every
+        node and raise the first error in node order; with ``need`` equal to the node
+        count, every start is awaited first, as before.
+
+        On Ctrl-C (or SIGTERM) the starts in progress are aborted without waiting
+        (each bounded in time): one that still finishes later stops what it started
+        itself (see :meth:`open`). The start threads are daemons, so none delays exit.
         """
         count = len(self.launchers)
+        need = count if need is None else need
         futures: list[Future[Node]] = [Future() for _ in range(count)]
         indices = iter(range(count))
         take = threading.Lock()
@@ -82,11 +93,25 @@ class NodeStarter:
         for i in range(min(START_THREADS, count)):
             threading.Thread(target=work, name=f"skyward-connect-{i}", daemon=True).start()
         try:
-            wait(futures)
-            errors = [f.exception() for f in futures if f.exception() is not None]
-            if errors:
-                raise errors[0]  # type: ignore[misc]
-            return [f.result() for f in futures]
+            while True:
+                done = [f.done() for f in futures]
+                failed = [f for f, d in zip(futures, done, strict=True) if d and f.exception()]
+                up = sum(done) - len(failed)
+                if all(done) or (up >= need and need < count) or len(failed) > count - need:
+                    break
+                pending = [f for f, d in zip(futures, done, strict=True) if not d]
+                wait(pending, return_when=FIRST_COMPLETED)
+            if up < need:
+                raise failed[0].exception()  # type: ignore[misc]
+            if late is not None:
+                for index, (future, finished) in enumerate(zip(futures, done, strict=True)):
+                    if not finished:
+                        future.add_done_callback(functools.partial(late, index))
+                    elif future.exception() is not None:
+                        late(index, future)
+            return [
+                f.result() for f, d in zip(futures, done, strict=True) if d and not f.exception()
+            ]
         except BaseException:
             self.abort()
             for future in futures:

@@ -23,6 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO, Any
 
 from skyward import wire
+from skyward.agent import spot
 from skyward.agent.cache import DEFAULT_CACHE_BYTES, BlobCache
 from skyward.agent.cpus import node_cpus
 from skyward.agent.slots import ProcessSlots
@@ -129,6 +130,10 @@ class Agent:
             threading.Thread(
                 target=self._watch_client, args=(idle,), name="skyward-idle", daemon=True
             ).start()
+        endpoint = self.config.get("spot_endpoint") or os.environ.get(spot.ENDPOINT_ENV)
+        if endpoint and not self.child:
+            notice = lambda n: self.post(spot.TOPIC, wire.dumps_result(n), lambda *_: None)  # noqa: E731
+            spot.watch(endpoint, notice, _log)
 
     def _watch_client(self, idle_timeout: float) -> None:
         """Exit when the client has been silent too long (a partition never closes stdin)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from contextlib import ExitStack
 from dataclasses import dataclass
+from typing import Any
 
 from skyward.channel import Channel
 from skyward.spec import Image, Worker
@@ -53,6 +54,10 @@ class Provider(ABC):
     @abstractmethod
     def launch(self, spec: ClusterSpec, cleanup: ExitStack) -> list[Launcher]:
         """Return one launcher per node; register teardown of what was created on ``cleanup``."""
+
+    def agent_config(self) -> dict[str, Any]:
+        """Settings added to every agent's HELLO config (e.g. ``spot_endpoint``)."""
+        return {}
 
     def summary(self, cluster_id: str) -> str | None:
         """A phrase for the cluster's exit summary (e.g. instance-hours and cost), or None."""

@@ -34,6 +34,7 @@ from skyward.providers.ssh_config import Host
 from skyward.providers.ssh_config import load as load_ssh_config
 from skyward.providers.ssh_config import resolve as resolve_host
 from skyward.spec import Image
+from skyward.waits import retries
 
 __all__ = ["SSH", "Host", "HostKeyError", "HostLauncher"]
 
@@ -44,6 +45,8 @@ DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
 # A frame stream benefits from a large window: big blobs flow without waiting for acks.
 WINDOW_SIZE = 16 * 1024 * 1024
 MAX_PACKET = 32 * 1024
+# Seconds between connection attempts to a host that refuses them (still booting).
+REFUSED_RETRY = 0.5
 
 
 @dataclass(frozen=True)
@@ -423,7 +426,15 @@ class HostLauncher(Launcher):
     def _socket(self) -> socket.socket | paramiko.Channel:
         if self.jump is not None:
             return self._jump_channel(self.jump)
-        sock = socket.create_connection((self.hostname, self.port), timeout=self.connect_timeout)
+        # A host still booting refuses connections: retried until connect_timeout.
+        deadline = time.monotonic() + self.connect_timeout
+        for left in retries(deadline, REFUSED_RETRY):
+            try:
+                sock = socket.create_connection((self.hostname, self.port), timeout=left or 0.1)
+                break
+            except ConnectionRefusedError:
+                if left <= 0 or self._closed:
+                    raise
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if hasattr(socket, "TCP_USER_TIMEOUT"):
             # Unacknowledged data for 30 s fails the connection instead of hanging it.

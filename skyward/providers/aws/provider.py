@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
+from skyward.agent import spot
 from skyward.channel import Channel
 from skyward.errors import NodeStartError
 from skyward.providers import ClusterSpec, Launcher, Provider
@@ -321,6 +322,10 @@ class AWS(Provider):
             cleanup.callback(launcher.close)
             launchers.append(launcher)
         return launchers
+
+    def agent_config(self) -> dict[str, Any]:
+        """Spot instances: the agents watch the metadata service for the reclaim notice."""
+        return {"spot_endpoint": spot.IMDS} if self.spot else {}
 
     def summary(self, cluster_id: str) -> str | None:
         """Instance-hours and estimated cost of the cluster so far (for the exit summary)."""

@@ -1,0 +1,181 @@
+"""Spot reclaims: an agent whose metadata service announces an interruption gets no new
+work, its tasks finish or rerun elsewhere, and a replacement joins (issue 16).
+
+The metadata service is a tiny HTTP server on loopback speaking IMDSv2 (token, then
+``/latest/meta-data/spot/instance-action``); local agents find it through
+``SKYWARD_SPOT_ENDPOINT`` (``sky.AWS(spot=True)`` sets the real one in their HELLO).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from conftest import wait_until
+
+import skyward as sky
+from skyward.agent import spot
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class Metadata(ThreadingHTTPServer):
+    """Announces one interruption (to the first agent that asks once armed), then none."""
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), MetadataHandler)
+        self.armed = threading.Event()
+        self.window = 0.0  # seconds the notice leaves beyond spot.MARGIN
+        self.announced = 0
+        self.lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class MetadataHandler(BaseHTTPRequestHandler):
+    server: Metadata
+
+    def do_PUT(self) -> None:  # noqa: N802 - http.server's naming
+        if self.path != "/latest/api/token" or not self.headers.get(
+            "X-aws-ec2-metadata-token-ttl-seconds"
+        ):
+            self._send(400, b"bad token request")
+        else:
+            self._send(200, b"test-token")
+
+    def do_GET(self) -> None:  # noqa: N802
+        if self.headers.get("X-aws-ec2-metadata-token") != "test-token":
+            self._send(401, b"")
+            return
+        if self.path != "/latest/meta-data/spot/instance-action":
+            self._send(404, b"")
+            return
+        with self.server.lock:
+            announce = self.server.armed.is_set() and not self.server.announced
+            if announce:
+                self.server.announced += 1
+        if not announce:
+            self._send(404, b"")
+            return
+        when = datetime.fromtimestamp(
+            time.time() + spot.MARGIN + self.server.window, tz=timezone.utc
+        ).strftime("%Y-%m-%dT%H:%M:%SZ")
+        self._send(200, json.dumps({"action": "terminate", "time": when}).encode())
+
+    def _send(self, code: int, body: bytes) -> None:
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def metadata(monkeypatch: pytest.MonkeyPatch) -> Iterator[Metadata]:
+    server = Metadata()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv(spot.ENDPOINT_ENV, server.url)
+    monkeypatch.setenv(spot.INTERVAL_ENV, "0.2")
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def held(args: tuple[int, str]) -> tuple[int, int]:
+    """Mark the start, then wait (bounded) until the test releases the tasks."""
+    i, folder = args
+    Path(folder, f"started-{i}").touch()
+    deadline = time.monotonic() + 60
+    while not Path(folder, "release").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return i, os.getpid()
+
+
+def at_once(args: tuple[str, int]) -> int:
+    """Wait (bounded) until ``count`` tasks run at once; return this process's pid."""
+    folder, count = args
+    Path(folder, f"{os.getpid()}-{threading.get_ident()}").touch()
+    deadline = time.monotonic() + 30
+    while len(os.listdir(folder)) < count and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return os.getpid()
+
+
+def pid(_: int) -> int:
+    return os.getpid()
+
+
+@pytest.mark.parametrize("window", [1.0, 60.0], ids=["reruns", "finishes"])
+def test_spot_notice_drains_the_node_and_a_replacement_joins(
+    window: float,
+    metadata: Metadata,
+    tmp_path: Path,
+    no_agents_left: None,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="skyward")
+    metadata.window = window
+    folder = str(tmp_path)
+    with sky.Compute(nodes=2, worker=sky.Worker(2), restarts=1) as compute:
+        first = {n.pid: n for n in compute.nodes}
+        held_futures = [compute.submit(held, (i, folder)) for i in range(8)]
+        assert wait_until(lambda: len(list(tmp_path.glob("started-*"))) >= 4, 30)
+        metadata.armed.set()
+        assert wait_until(lambda: compute.stats()["reclaims"] == 1, 30)
+        assert wait_until(lambda: compute.total_slots == 2, 10)  # the drained node's are gone
+        assert compute._monitor is not None
+        (reclaimed,) = [n.pid for n in compute._monitor.reclaimed]
+        # Work submitted after the notice never goes to the reclaimed node.
+        later = [compute.submit(pid, i) for i in range(6)]
+        if window < 10:  # out of time: the node is let go while its tasks are held
+            assert wait_until(lambda: not first[reclaimed].alive, 30)
+        Path(folder, "release").touch()
+        results = [f.result(60) for f in held_futures]
+        assert sorted(i for i, _ in results) == list(range(8))
+        on_reclaimed = [i for i, p in results if p == reclaimed]
+        if window < 10:
+            assert on_reclaimed == []  # its tasks reran elsewhere
+        else:
+            assert on_reclaimed and compute.stats()["tasks"]["retried"] == 0  # they finished
+        assert reclaimed not in {f.result(60) for f in later}
+        # A replacement joins and takes work.
+        assert wait_until(lambda: compute.total_slots == 4, 30), compute
+        replacement = {n.pid for n in compute.nodes if n.alive} - set(first)
+        assert len(replacement) == 1
+        four = tmp_path / "four"
+        four.mkdir()
+        ran = {f.result(40) for f in [compute.submit(at_once, (str(four), 4)) for _ in range(4)]}
+        assert replacement < ran  # the four slots at once: the replacement's among them
+        assert compute.stats()["tasks"]["completed"] == 8 + 6 + 4  # each result once
+    assert "1 spot reclaim(s)" in caplog.text
+
+
+def test_aws_spot_instances_watch_the_metadata_service_on_demand_ones_do_not() -> None:
+    assert sky.AWS(region="us-east-1", spot=True).agent_config() == {"spot_endpoint": spot.IMDS}
+    assert sky.AWS(region="us-east-1").agent_config() == {}
+    assert spot.IMDS == "http://169.254.169.254"
+
+
+def test_metadata_without_a_notice_is_none_and_a_notice_is_read(metadata: Metadata) -> None:
+    assert spot.fetch_notice(metadata.url) is None
+    metadata.armed.set()
+    notice = spot.fetch_notice(metadata.url)
+    assert notice is not None and notice["action"] == "terminate"
+    left = spot.seconds_left(notice, time.time())
+    assert left is not None and 0 < left <= spot.MARGIN + 1

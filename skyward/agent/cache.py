@@ -14,8 +14,9 @@ DEFAULT_CACHE_BYTES = 4 * 1024**3
 class BlobCache:
     """Blobs by key, least recently used evicted beyond ``capacity`` bytes.
 
-    Thread mode keeps the unpickled object (arrays made read-only, as loky's
-    memmaps are); process mode keeps the raw bytes to forward to child slots.
+    Thread mode keeps a :class:`~skyward.wire.LazyBlob`, unpickled by the first task
+    that uses it (never here: ``put`` runs on the serve loop, which must go on
+    answering heartbeats); process mode keeps the raw bytes to forward to child slots.
     """
 
     def __init__(self, capacity: int, keep_bytes: bool) -> None:
@@ -29,12 +30,8 @@ class BlobCache:
         self.received = 0
 
     def put(self, key: str, data: bytes) -> Any:
-        """Hold blob ``key``; return its value (the object, or the bytes in process mode)."""
-        value: Any = data
-        if not self.keep_bytes:
-            value = wire.loads_blob(data)
-            if type(value).__name__ == "ndarray" and hasattr(value, "setflags"):
-                value.setflags(write=False)
+        """Hold blob ``key``; return its value (a lazy blob, or the bytes in process mode)."""
+        value: Any = data if self.keep_bytes else wire.LazyBlob(data)
         with self._lock:
             self.received += 1
             old = self._entries.pop(key, None)

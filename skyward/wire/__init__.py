@@ -49,6 +49,7 @@ from skyward.wire.frames import (
 from skyward.wire.hello import check_compatible, versions
 from skyward.wire.payload import (
     ChunkRunner,
+    LazyBlob,
     UnloadableBlob,
     dumps_error,
     dumps_result,
@@ -76,6 +77,7 @@ __all__ = [
     "Dispatch",
     "FunctionBlob",
     "Kind",
+    "LazyBlob",
     "MissingBlobError",
     "Outbox",
     "ProtocolError",

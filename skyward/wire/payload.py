@@ -247,6 +247,32 @@ def loads_blob(data: bytes) -> Any:
         return UnloadableBlob(data)
 
 
+class LazyBlob:
+    """A blob as it arrived, unpickled on first use by the thread of a task that needs it.
+
+    Never by the agent's serve loop: unpickling can import a heavy package for seconds
+    (scikit-learn under load: more than ten), and the serve loop must go on answering
+    heartbeats meanwhile or a healthy node is declared lost. Arrays come out read-only,
+    as loky's memmaps do.
+    """
+
+    __slots__ = ("_data", "_value")
+
+    def __init__(self, data: bytes) -> None:
+        self._data: bytes | None = data
+        self._value: Any = None
+
+    def value(self) -> Any:
+        """The blob's object, unpickled once (under the agent's one unpickler lock)."""
+        with _unpickling:
+            if self._data is not None:
+                value = loads_blob(self._data)
+                if type(value).__name__ == "ndarray" and hasattr(value, "setflags"):
+                    value.setflags(write=False)
+                self._value, self._data = value, None
+            return self._value
+
+
 _loading: dict[str, Any] = {}  # the blobs of the payload being unpickled (under _unpickling)
 
 
@@ -256,6 +282,8 @@ def _blob(key: str) -> Any:
         value = _loading[key]
     except KeyError:
         raise MissingBlobError(key) from None
+    if isinstance(value, LazyBlob):
+        value = value.value()
     if isinstance(value, UnloadableBlob):
         return pickle.loads(value.data)
     return value

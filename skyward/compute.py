@@ -10,6 +10,7 @@ the provider release what it created.
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import signal
 import threading
@@ -26,7 +27,7 @@ from skyward.channel import Channel
 from skyward.messages import Handler, MessageHandlers
 from skyward.node import Node, NodeStartError
 from skyward.plugins import around_client, compose_image, manager, worker_initializers
-from skyward.progress import Progress, rate
+from skyward.progress import Progress, TaskCounts
 from skyward.providers import ClusterSpec, Launcher, Provider
 from skyward.providers.local import Local
 from skyward.scheduler import Scheduler
@@ -137,6 +138,8 @@ class Compute(Executor):
         self.progress = progress
         self.blob_cache_bytes = blob_cache_bytes
         self._display = Progress()
+        self.task_counts = TaskCounts()
+        """The user's tasks (a joblib batch counts as its tasks), for progress and stats()."""
         self._ready_count = 0
         self.cluster_id = uuid.uuid4().hex[:12]
         self.image: Image = self.base_image
@@ -405,12 +408,8 @@ class Compute(Executor):
 
     def _task_status(self) -> str:
         tasks = self._scheduler.stats() if self._scheduler is not None else {}
-        done = tasks.get("completed", 0) + tasks.get("failed", 0)
-        return (
-            f"{done}/{tasks.get('submitted', 0)} task(s) done ({rate(done, self._started_at)}), "
-            f"{tasks.get('retried', 0)} retried, {tasks.get('failed', 0)} failed, "
-            f"{self.total_slots} slot(s)"
-        )
+        retried = f", {tasks['retried']} rerun" if tasks.get("retried") else ""
+        return f"{self.task_counts.line(self._started_at)}{retried}, {self.total_slots} slot(s)"
 
     def _stop_nodes(self) -> None:
         t0 = time.monotonic()
@@ -501,7 +500,10 @@ class Compute(Executor):
         scheduler = self._running_scheduler()
         payload, keys = wire.dumps_task(fn, args, kwargs, self._blobs, scope)
         name = getattr(fn, "__qualname__", None) or type(fn).__name__
-        return scheduler.submit(payload, keys, name)
+        count = self.task_counts.add(fn)
+        future = scheduler.submit(payload, keys, name)
+        future.add_done_callback(functools.partial(self.task_counts.finish, count))
+        return future
 
     def call(self) -> Call:
         """Start one call made of many tasks (what :meth:`map` and a joblib ``Parallel``
@@ -577,6 +579,7 @@ class Compute(Executor):
         return {
             "cluster": self.cluster_id,
             "tasks": tasks,
+            "progress": self.task_counts.snapshot(self._started_at),
             "nodes": {n.name: n.stats() for n in self.nodes},
         }
 

@@ -189,14 +189,17 @@ def plot_scaling(rows: list[Row], path: Path) -> bool:
         style = "o-" if len(values) > 1 else "s"
         eff.plot(slots, [v[1] for v in values], style, label=system)
         cpu.plot(slots, [v[2] or 0.0 for v in values], style, label=system)
-    for target, slots in ((98, 2000), (97, 5000)):
-        eff.plot([slots], [target], "k_", markersize=18)
+    goals = ((2000, 98), (5000, 97))
+    eff.plot([g[0] for g in goals], [g[1] for g in goals], "k_", markersize=18, label="goal")
+    ticks = sorted({v[0] for values in points.values() for v in values} | {g[0] for g in goals})
     eff.set(xlabel="slots (nodes × 20)", ylabel="efficiency (% of ideal)", xscale="log")
     eff.set_title("sleep tasks: ideal time / wall time")
     cpu.set(xlabel="slots (nodes × 20)", ylabel="client CPU per task (µs)", xscale="log")
     cpu.set_title("client CPU per task")
     cpu.set_ylim(bottom=0)
     for axes in (eff, cpu):
+        axes.set_xticks(ticks, [str(t) for t in ticks], rotation=45, fontsize="small")
+        axes.minorticks_off()
         axes.grid(True, alpha=0.3)
         axes.legend(fontsize="small")
     fig.tight_layout()

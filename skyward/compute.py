@@ -409,7 +409,7 @@ class Compute(Executor):
     def _task_status(self) -> str:
         tasks = self._scheduler.stats() if self._scheduler is not None else {}
         retried = f", {tasks['retried']} rerun" if tasks.get("retried") else ""
-        return f"{self.task_counts.line(self._started_at)}{retried}, {self.total_slots} slot(s)"
+        return f"{self.task_counts.line()}{retried}, {self.total_slots} slot(s)"
 
     def _stop_nodes(self) -> None:
         t0 = time.monotonic()
@@ -579,7 +579,7 @@ class Compute(Executor):
         return {
             "cluster": self.cluster_id,
             "tasks": tasks,
-            "progress": self.task_counts.snapshot(self._started_at),
+            "progress": self.task_counts.snapshot(),
             "nodes": {n.name: n.stats() for n in self.nodes},
         }
 

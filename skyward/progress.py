@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TextIO
@@ -90,6 +91,9 @@ def rate(done: int, started: float) -> str:
     return f"{done / elapsed:.1f}/s"
 
 
+RATE_WINDOW = 10.0
+
+
 class TaskCounts:
     """The user's tasks, for the status line and ``stats()``: submitted, done, failed, and
     the total once it is known.
@@ -106,6 +110,9 @@ class TaskCounts:
         self.done = 0
         self.failed = 0
         self._producers: dict[object, Callable[[], int | None]] = {}
+        self._first: float | None = None  # time of the first submit
+        # (time, done) at each look, for the rate over the last RATE_WINDOW seconds.
+        self._samples: deque[tuple[float, int]] = deque(maxlen=256)
 
     def add(self, fn: object) -> int:
         """Count ``fn``'s tasks as submitted; return that number (for :meth:`finish`)."""
@@ -113,6 +120,8 @@ class TaskCounts:
         count = count if isinstance(count, int) and count >= 0 else 1
         with self._lock:
             self.submitted += count
+            if self._first is None:
+                self._first = time.monotonic()
         return count
 
     def finish(self, count: int, future: Future[Any]) -> None:
@@ -149,13 +158,22 @@ class TaskCounts:
             more += max(left, 0)
         return submitted + more
 
-    def snapshot(self, started: float) -> dict[str, Any]:
-        """Counts, rate (tasks/s since ``started``, a ``time.monotonic()``) and ETA (s)."""
+    def snapshot(self) -> dict[str, Any]:
+        """Counts, rate (tasks/s over the last ``RATE_WINDOW`` seconds, or since the first
+        submit when that is shorter) and ETA (s, once the total is known)."""
         total = self.total()
+        now = time.monotonic()
         with self._lock:
             done, failed, submitted = self.done, self.failed, self.submitted
-        elapsed = max(time.monotonic() - started, 1e-9)
-        per_second = done / elapsed
+            samples = self._samples
+            samples.append((now, done))
+            while now - samples[0][0] > RATE_WINDOW:
+                samples.popleft()
+            then, before = samples[0]
+            if now - then >= 1.0:
+                per_second = (done - before) / (now - then)
+            else:
+                per_second = done / max(now - self._first, 1e-9) if self._first else 0.0
         eta = None
         if total is not None and per_second > 0:
             eta = max(total - done, 0) / per_second
@@ -168,10 +186,10 @@ class TaskCounts:
             "eta": eta,
         }
 
-    def line(self, started: float) -> str:
+    def line(self) -> str:
         """``'120/400 tasks done, 2 failed (40.0/s, ETA 7s)'``; the total reads
         ``'232+'`` while a producer does not know its own yet."""
-        counts = self.snapshot(started)
+        counts = self.snapshot()
         total = counts["total"]
         if not counts["submitted"] and not total:
             return "no tasks yet"

@@ -105,3 +105,14 @@ def test_fork_false_starts_an_interpreter_per_node() -> None:
     with sky.Compute(provider=sky.Local(fork=False), nodes=2) as compute:
         pids = [node.channel.pid for node in compute.nodes]
         assert {psutil.Process(pid).ppid() for pid in pids if pid is not None} == {os.getpid()}
+
+
+def test_a_template_that_cannot_start_is_a_clear_error() -> None:
+    from skyward.providers.forkserver import ForkServer
+
+    server = ForkServer("/bin/false", dict(os.environ))
+    try:
+        with pytest.raises(RuntimeError, match=r"template process .*fork=False"):
+            server.spawn("node-0")
+    finally:
+        server.close()

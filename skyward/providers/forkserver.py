@@ -79,9 +79,12 @@ class ForkServer:
                 theirs.append(write)
             # stdin: the agent reads, we write; stdout and stderr: the other way round.
             ours[0], theirs[0] = theirs[0], ours[0]
-            with self._lock:
-                socket.send_fds(self._sock, [b"f"], theirs)
-                data, fds, _, _ = socket.recv_fds(self._sock, _PID.size, 1)
+            try:
+                with self._lock:
+                    socket.send_fds(self._sock, [b"f"], theirs)
+                    data, fds, _, _ = socket.recv_fds(self._sock, _PID.size, 1)
+            except OSError as exc:  # the template is gone, or silent for REQUEST_TIMEOUT
+                raise RuntimeError(self._failure()) from exc
             if len(data) != _PID.size or len(fds) != 1:
                 for fd in fds:
                     os.close(fd)

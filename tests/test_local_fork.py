@@ -116,3 +116,18 @@ def test_a_template_that_cannot_start_is_a_clear_error() -> None:
             server.spawn("node-0")
     finally:
         server.close()
+
+
+def test_closing_the_template_kills_an_agent_left_running() -> None:
+    from skyward.providers.forkserver import ForkServer
+    from skyward.providers.local import _agent_env
+
+    server = ForkServer(sys.executable, _agent_env())
+    try:
+        channel = server.spawn("node-0")
+        pid = channel.pid
+        assert pid is not None and not gone(pid)
+    finally:
+        server.close()  # the channel was never closed: the template's close kills it
+    assert wait_until(lambda: gone(pid), 5.0), f"agent {pid} outlived its template"
+    assert server.process.poll() is not None

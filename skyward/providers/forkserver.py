@@ -53,6 +53,7 @@ class ForkServer:
         self._sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(REQUEST_TIMEOUT)
         self._lock = threading.Lock()
+        self._forked: list[ForkedChannel] = []
         try:
             self.process = subprocess.Popen(
                 # -c, not -m: this module is imported by the package already.
@@ -96,7 +97,10 @@ class ForkServer:
         finally:
             for fd in theirs:
                 os.close(fd)
-        return ForkedChannel(name, _PID.unpack(data)[0], fds[0], *ours)
+        channel = ForkedChannel(name, _PID.unpack(data)[0], fds[0], *ours)
+        with self._lock:
+            self._forked.append(channel)
+        return channel
 
     def _failure(self) -> str:
         code = self.process.poll()
@@ -107,7 +111,13 @@ class ForkServer:
         )
 
     def close(self) -> None:
-        """Stop the template (agents already forked are not affected)."""
+        """Stop the template, and kill any agent it forked that is still running (the
+        cluster stopped them before: this is the last resort of an unusual exit)."""
+        with self._lock:
+            forked, self._forked = self._forked, []
+        for channel in forked:
+            if channel.running():
+                channel.kill()
         self._sock.close()  # EOF on its stdin: it exits
         try:
             self.process.wait(5)
@@ -132,6 +142,10 @@ class ForkedChannel(Channel):
     @property
     def pid(self) -> int | None:
         return self._pid
+
+    def running(self) -> bool:
+        """Whether the agent process is still running."""
+        return self._pidfd >= 0 and not self._wait(0)
 
     def _wait(self, timeout: float) -> bool:
         try:

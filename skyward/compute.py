@@ -500,7 +500,7 @@ class Compute(Executor):
         scheduler = self._running_scheduler()
         payload, keys = wire.dumps_task(fn, args, kwargs, self._blobs, scope)
         name = getattr(fn, "__qualname__", None) or type(fn).__name__
-        count = self.task_counts.add(fn)
+        count = self.task_counts.add(fn, args)
         future = scheduler.submit(payload, keys, name)
         future.add_done_callback(functools.partial(self.task_counts.finish, count))
         return future
@@ -655,6 +655,10 @@ class _ChunkRunner:
 
     def __call__(self, chunk: list[tuple[Any, ...]]) -> list[Any]:
         return [self.fn(*args) for args in chunk]
+
+    @staticmethod
+    def task_count(chunk: list[tuple[Any, ...]]) -> int:
+        return len(chunk)  # progress counts the user's calls, not chunks
 
 
 def _chunks(items: Iterable[tuple[Any, ...]], size: int) -> Iterator[list[tuple[Any, ...]]]:

@@ -98,10 +98,11 @@ class TaskCounts:
     """The user's tasks, for the status line and ``stats()``: submitted, done, failed, and
     the total once it is known.
 
-    A submitted callable may stand for several of the user's tasks (a joblib batch):
-    its ``task_count`` attribute says how many. A producer that will submit more (a
-    running ``Parallel`` call) registers with :meth:`follow` a callable giving how
-    many tasks it will still submit, or ``None`` while it does not know yet.
+    A submitted callable may stand for several of the user's tasks (a joblib batch, a
+    chunk of ``Compute.map``): its ``task_count`` attribute says how many. A producer
+    that will submit more (a running ``Parallel`` call) registers with :meth:`follow`
+    a callable giving how many tasks it will still submit, or ``None`` while it does
+    not know yet.
     """
 
     def __init__(self) -> None:
@@ -114,9 +115,15 @@ class TaskCounts:
         # (time, done) at each look, for the rate over the last RATE_WINDOW seconds.
         self._samples: deque[tuple[float, int]] = deque(maxlen=256)
 
-    def add(self, fn: object) -> int:
-        """Count ``fn``'s tasks as submitted; return that number (for :meth:`finish`)."""
+    def add(self, fn: object, args: tuple[Any, ...] = ()) -> int:
+        """Count the tasks of a call ``fn(*args)`` as submitted; return how many (for
+        :meth:`finish`). ``fn.task_count`` is that number, or a function of ``args``."""
         count = getattr(fn, "task_count", 1)
+        if callable(count):
+            try:
+                count = count(*args)
+            except Exception:  # noqa: BLE001 - counting must never fail a submit
+                count = 1
         count = count if isinstance(count, int) and count >= 0 else 1
         with self._lock:
             self.submitted += count

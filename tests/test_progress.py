@@ -114,6 +114,13 @@ def test_stats_counts_direct_submits_one_task_each() -> None:
     assert progress["total"] == 11
 
 
+def test_map_chunks_count_as_their_items() -> None:
+    with sky.Compute(nodes=1, worker=sky.Worker(concurrency=2)) as compute:
+        assert list(compute.map(abs, range(-50, 0), chunksize=8)) == list(range(50, 0, -1))
+        progress = compute.stats()["progress"]
+    assert (progress["submitted"], progress["done"], progress["total"]) == (50, 50, 50)
+
+
 def test_total_unknown_while_a_producer_does_not_know_it() -> None:
     counts = TaskCounts()
     remaining: list[int | None] = [None]

@@ -214,6 +214,9 @@ def render(meta: dict[str, Any], rows: list[Row], source: str, plot: str | None 
     versions = ", ".join(f"{name} {version}" for name, version in packages.items())
     memory = f", {meta['memory_gib']} GiB RAM" if meta.get("memory_gib") else ""
     kind = "a `--quick` run (small sizes)" if meta.get("quick") else "a full run"
+    ran = meta.get("benchmarks")
+    if ran:
+        kind += f" of {', '.join(ran)}"
     goals = "\n".join(f"- {goal}" for goal in GOALS)
     has_goals = any(r.goal for r in rows)
     parts = [

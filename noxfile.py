@@ -22,7 +22,15 @@ TEST_DEPS = [
     "build",
     "uv",
 ]
-BENCH_DEPS = ["numpy", "scikit-learn", "psutil", "loky", "dask[distributed]", "moto[server]>=5"]
+BENCH_DEPS = [
+    "numpy",
+    "scikit-learn",
+    "psutil",
+    "loky",
+    "dask[distributed]",
+    "moto[server]>=5",
+    "matplotlib",  # the scaling plot in docs/benchmarks.md
+]
 
 
 @nox.session

@@ -47,6 +47,7 @@ def main() -> int:
         "quick": args.quick,
         "machine": f"{platform.machine()} {os.cpu_count()} cores",
         "python": platform.python_version(),
+        "benchmarks": args.names or ALL,
     }
     meta.update(report.environment())
     path = out / f"{stamp}{'-quick' if args.quick else ''}.json"

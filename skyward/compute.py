@@ -11,6 +11,7 @@ interpreter exit too.
 
 from __future__ import annotations
 
+import functools
 import logging
 import pickle
 import threading
@@ -30,7 +31,7 @@ from skyward.messages import Handler, MessageHandlers
 from skyward.monitor import NodeMonitor
 from skyward.node import Node
 from skyward.plugins import around_client, compose_image, manager, worker_initializers
-from skyward.progress import Progress, rate
+from skyward.progress import Progress, TaskCounts
 from skyward.providers import ClusterSpec, Provider
 from skyward.providers.local import Local
 from skyward.safety import current, running_here
@@ -144,6 +145,9 @@ class Compute(Executor):
         self.blob_cache_bytes = blob_cache_bytes
         self.speculate = speculate
         self._display = Progress()
+        self.task_counts = TaskCounts()
+        """The user's tasks (a joblib batch counts as its tasks), for progress and stats()."""
+        self._ready_count = 0
         self.cluster_id = uuid.uuid4().hex[:12]
         self.image: Image = self.base_image
         self._state = "new"
@@ -271,12 +275,8 @@ class Compute(Executor):
 
     def _task_status(self) -> str:
         tasks = self._scheduler.stats() if self._scheduler is not None else {}
-        done = tasks.get("completed", 0) + tasks.get("failed", 0)
-        return (
-            f"{done}/{tasks.get('submitted', 0)} task(s) done ({rate(done, self._started_at)}), "
-            f"{tasks.get('retried', 0)} retried, {tasks.get('failed', 0)} failed, "
-            f"{self.total_slots} slot(s)"
-        )
+        retried = f", {tasks['retried']} rerun" if tasks.get("retried") else ""
+        return f"{self.task_counts.line()}{retried}, {self.total_slots} slot(s)"
 
     def _stop_nodes(self) -> None:
         t0 = time.monotonic()
@@ -372,7 +372,10 @@ class Compute(Executor):
         scheduler = self._running_scheduler()
         payload, keys = wire.dumps_task(fn, args, kwargs, self._blobs, scope)
         name = getattr(fn, "__qualname__", None) or type(fn).__name__
-        return scheduler.submit(payload, keys, name, None if scope is None else id(scope))
+        count = self.task_counts.add(fn, args)
+        future = scheduler.submit(payload, keys, name, None if scope is None else id(scope))
+        future.add_done_callback(functools.partial(self.task_counts.finish, count))
+        return future
 
     def call(self) -> Call:
         """Start one call made of many tasks (what :meth:`map` and a joblib ``Parallel``
@@ -447,6 +450,7 @@ class Compute(Executor):
         return {
             "cluster": self.cluster_id,
             "tasks": tasks,
+            "progress": self.task_counts.snapshot(),
             "nodes": {n.name: n.stats() for n in self.nodes},
             "reclaims": len(self._monitor.reclaimed) if self._monitor is not None else 0,
         }

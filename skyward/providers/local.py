@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from skyward.agent.cpus import NODE_CPUS_ENV, node_cpus
 from skyward.channel import Channel, PipeChannel
 from skyward.providers import ClusterSpec, Launcher, Provider
+from skyward.providers.forkserver import ForkServer
 
 
 @dataclass(frozen=True)
@@ -24,27 +25,45 @@ class Local(Provider):
     Args:
         python: the interpreter for the agents (defaults to the client's). It must
             have skyward and the task's dependencies importable.
+        fork: fork the agents from one template process that imported the agent once
+            (fast: 100 nodes start in about a second), rather than start an interpreter
+            per node. ``None`` (the default) forks when ``python`` is the client's own
+            interpreter, which is then known to run skyward's template; pass ``True``
+            or ``False`` to choose. Either way each node is its own process.
     """
 
     python: str = field(default_factory=lambda: sys.executable)
+    fork: bool | None = None
 
     def launch(self, spec: ClusterSpec, cleanup: ExitStack) -> list[Launcher]:
-        """One launcher per node; nothing to clean up beyond the agents themselves."""
-        share = max(node_cpus() // spec.nodes, 1)
-        return [_LocalLauncher(f"node-{i}", self.python, share) for i in range(spec.nodes)]
+        """One launcher per node; with ``fork``, also the template (closed by ``cleanup``)."""
+        env = _agent_env()
+        env[NODE_CPUS_ENV] = str(max(node_cpus() // spec.nodes, 1))  # this machine, shared
+        fork = self.fork if self.fork is not None else self.python == sys.executable
+        server: ForkServer | None = None
+        if fork:
+            server = ForkServer(self.python, env)
+            cleanup.callback(server.close)
+        return [_LocalLauncher(f"node-{i}", self.python, env, server) for i in range(spec.nodes)]
+
+
+def _agent_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # Same machine, same code: tasks pickled by reference (functions of the user's
+    # modules) import from the client's own path.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
 
 
 @dataclass
 class _LocalLauncher(Launcher):
     name: str
     python: str
-    cpus: int
+    env: dict[str, str]
+    server: ForkServer | None = None
 
     def open(self) -> Channel:
-        env = dict(os.environ)
-        # Same machine, same code: tasks pickled by reference (functions of the user's
-        # modules) import from the client's own path.
-        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-        env["PYTHONUNBUFFERED"] = "1"
-        env[NODE_CPUS_ENV] = str(self.cpus)
-        return PipeChannel(self.name, [self.python, "-m", "skyward.agent"], env)
+        if self.server is not None:
+            return self.server.spawn(self.name)
+        return PipeChannel(self.name, [self.python, "-m", "skyward.agent"], self.env)

@@ -317,6 +317,11 @@ class ChunkRunner:
     def __call__(self, chunk: list[tuple[Any, ...]]) -> list[Any]:
         return [self.fn(*args) for args in chunk]
 
+    @staticmethod
+    def task_count(chunk: list[tuple[Any, ...]]) -> int:
+        """Progress counts the user's calls, not chunks."""
+        return len(chunk)
+
 
 def dumps_result(value: object) -> bytes:
     """Serialize a task's return value.

@@ -97,6 +97,7 @@ class SkywardBackend(AutoBatchingMixin, ParallelBackendBase):
         self._waiting: deque[tuple[Future[Any], RemoteBatch]] = deque()
         self._aborting = False
         self._call: Call | None = None
+        self._sent = 0  # the user's tasks this call handed to the cluster
 
     def __reduce__(self) -> tuple[Any, ...]:
         # A Compute does not cross processes: a copy resolves its own.
@@ -180,23 +181,42 @@ class SkywardBackend(AutoBatchingMixin, ParallelBackendBase):
         with self._lock:
             self._aborting = False
             self._waiting.clear()
+            self._sent = 0
             previous, self._call = self._call, None
             if self._target is not None:
                 self._call = self._target.call()
+                self._target.task_counts.follow(self, self._remaining)
         if previous is not None:
             previous.close()
+
+    def _remaining(self) -> int | None:
+        """The tasks this call will still hand to the cluster, once joblib knows its total
+        (from the start for a sized input, else when its iterator is exhausted)."""
+        parallel = self.parallel
+        total = getattr(parallel, "n_tasks", None)
+        if total is None:
+            # joblib drops its iterator once exhausted; until then the total is unknown.
+            iterating = getattr(parallel, "_iterating", True)
+            if iterating or getattr(parallel, "_original_iterator", None) is not None:
+                return None
+            total = parallel.n_dispatched_tasks
+        return max(total - self._sent, 0)
 
     def stop_call(self) -> None:
         """The ``Parallel`` call ended: from now on large arguments are matched by content,
         so an array changed in place before the next call is sent anew."""
         with self._lock:
             call, self._call = self._call, None
+        if self._target is not None:
+            self._target.task_counts.unfollow(self)
         if call is not None:
             call.close()
 
     def terminate(self) -> None:
         """The ``Parallel`` call is over (the cluster itself belongs to its ``Compute``)."""
         self.reset_batch_stats()
+        if self._target is not None:
+            self._target.task_counts.unfollow(self)
         self._target = None
 
     # --- dispatch --------------------------------------------------------------------------
@@ -234,6 +254,7 @@ class SkywardBackend(AutoBatchingMixin, ParallelBackendBase):
             _settle(proxy.set_exception, exc)
             return
         with self._lock:
+            self._sent += task.task_count
             aborted = proxy not in self._inflight
             if not aborted:
                 self._inflight[proxy] = remote

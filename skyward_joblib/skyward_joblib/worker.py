@@ -47,6 +47,11 @@ class RemoteBatch:
     def __len__(self) -> int:
         return len(self.batch) if hasattr(self.batch, "__len__") else 1
 
+    @property
+    def task_count(self) -> int:
+        """The user's tasks in this batch: what the Compute's progress counts."""
+        return len(self)
+
     def __call__(self) -> list[Any]:
         global _in_agent
         _in_agent = True

@@ -4,6 +4,7 @@ A channel is where frames travel: the agent's stdin (``writer``) and stdout
 (``reader``), plus its stderr, forwarded line by line to the client's stderr
 with the node's name in front. Every provider produces channels; everything
 above this module (nodes, scheduler, Compute) is the same for all of them.
+A local agent's pipes are served by the client's one I/O loop (:mod:`skyward.io`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from typing import IO, TYPE_CHECKING
 
+from skyward import io as skyio
+from skyward import wire
 from skyward.waits import call_with_timeout
 
 if TYPE_CHECKING:
@@ -32,6 +35,19 @@ class Channel(ABC):
     name: str
     reader: IO[bytes]
     writer: IO[bytes]
+
+    @abstractmethod
+    def attach(
+        self,
+        on_frame: Callable[[wire.Kind, bytes, int], object],
+        on_end: Callable[[str], object],
+    ) -> None:
+        """Start handing the agent's frames to ``on_frame(kind, body, wire_size)``;
+        ``on_end(reason)`` once when the stream ends or breaks."""
+
+    @abstractmethod
+    def open_writer(self, on_broken: Callable[[], object]) -> skyio.FrameSink:
+        """The queue this channel's frames are written from; ``on_broken`` when writing fails."""
 
     @abstractmethod
     def close(self, timeout: float = 2.0) -> None:
@@ -64,6 +80,17 @@ def printable(text: str) -> str:
     return _ESCAPES.sub("", text)
 
 
+def forward_line(name: str, raw: bytes) -> None:
+    """Write one line of a worker's stderr to the client's, as :func:`forward_lines` does."""
+    text = printable(raw.decode("utf-8", "replace").rstrip("\n"))
+    log.debug("[%s] %s", name, text)
+    try:
+        sys.stderr.write(f"[{name}] {text}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+
+
 def forward_lines(name: str, lines: Iterable[bytes]) -> threading.Thread:
     """Copy a worker's stderr to the client's stderr, each line prefixed with ``[name]``
     and stripped of terminal control (:func:`printable`)."""
@@ -71,13 +98,7 @@ def forward_lines(name: str, lines: Iterable[bytes]) -> threading.Thread:
     def run() -> None:
         try:
             for raw in lines:
-                text = printable(raw.decode("utf-8", "replace").rstrip("\n"))
-                log.debug("[%s] %s", name, text)
-                try:
-                    sys.stderr.write(f"[{name}] {text}\n")
-                    sys.stderr.flush()
-                except (OSError, ValueError):
-                    pass
+                forward_line(name, raw)
         except (OSError, ValueError):
             pass
 
@@ -86,7 +107,36 @@ def forward_lines(name: str, lines: Iterable[bytes]) -> threading.Thread:
     return thread
 
 
-class PipeChannel(Channel):
+class LoopPipes(Channel):
+    """A local agent's pipes, served by the one I/O loop (:mod:`skyward.io`): frames in,
+    frames out and stderr lines, with no thread of their own."""
+
+    def _serve(self, stderr_fd: int) -> None:
+        self._stderr = skyio.LineReader(stderr_fd, lambda line: forward_line(self.name, line))
+        self._frames: skyio.FrameReader | None = None
+        self._writer: skyio.PipeWriter | None = None
+
+    def attach(
+        self,
+        on_frame: Callable[[wire.Kind, bytes, int], object],
+        on_end: Callable[[str], object],
+    ) -> None:
+        self._frames = skyio.FrameReader(self.reader.fileno(), on_frame, on_end)
+
+    def open_writer(self, on_broken: Callable[[], object]) -> skyio.FrameSink:
+        self._writer = skyio.PipeWriter(self.writer.fileno(), on_broken)
+        return self._writer
+
+    def _detach(self) -> None:
+        # Off the loop before the pipes close: a closed descriptor's number is reused.
+        self._stderr.detach(1)
+        if self._writer is not None:
+            self._writer.close()
+        if self._frames is not None:
+            self._frames.detach()
+
+
+class PipeChannel(LoopPipes):
     """An agent running as a local subprocess, spoken to over its pipes."""
 
     def __init__(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
@@ -104,7 +154,7 @@ class PipeChannel(Channel):
         assert self.process.stdin and self.process.stdout and self.process.stderr
         self.writer = self.process.stdin
         self.reader = self.process.stdout
-        self._stderr = forward_lines(name, self.process.stderr)
+        self._serve(self.process.stderr.fileno())
 
     @property
     def pid(self) -> int | None:
@@ -133,7 +183,7 @@ class PipeChannel(Channel):
         self._release()
 
     def _release(self) -> None:
-        self._stderr.join(1)
+        self._detach()
         for stream in (self.writer, self.reader, self.process.stderr):
             try:
                 if stream is not None:
@@ -192,6 +242,25 @@ class SSHChannel(Channel):
         self.reader = io.BufferedReader(raw, 1 << 16)
         self.writer = raw  # type: ignore[assignment]  # Outbox coalesces writes already
         self._stderr = forward_lines(name, self._stderr_lines(channel.makefile_stderr("rb")))
+
+    def attach(
+        self,
+        on_frame: Callable[[wire.Kind, bytes, int], object],
+        on_end: Callable[[str], object],
+    ) -> None:
+        def run() -> None:
+            reason = "its channel closed (agent process exited or connection lost)"
+            try:
+                while (frame := wire.read_frame(self.reader)) is not None:
+                    on_frame(*frame)
+            except Exception as exc:  # noqa: BLE001
+                reason = f"reading from it failed: {type(exc).__name__}: {exc}"
+            on_end(reason)
+
+        threading.Thread(target=run, name=f"skyward-recv-{self.name}", daemon=True).start()
+
+    def open_writer(self, on_broken: Callable[[], object]) -> skyio.FrameSink:
+        return wire.Outbox(self.writer, on_broken, name=f"skyward-send-{self.name}")
 
     def _stderr_lines(self, stream: Iterable[bytes]) -> Iterator[bytes]:
         for line in stream:

@@ -1,4 +1,4 @@
-"""The client's end of one agent: handshake, frame I/O threads, blobs already sent, counters."""
+"""The client's end of one agent: handshake, frame handlers, blobs already sent, counters."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING, Any
 from skyward import wire
 from skyward.channel import Channel
 from skyward.errors import NodeStartError
-from skyward.waits import call_with_timeout, retries
+from skyward.waits import retries
 from skyward.wire import Kind
 
 if TYPE_CHECKING:
+    from skyward.io import FrameSink
     from skyward.scheduler import Scheduler, TaskRecord
 
 
@@ -40,9 +41,15 @@ class Node:
         self.tasks_done = 0
         self._sent_blobs: set[str] = set()
         self._send_lock = threading.Lock()
-        self.outbox = wire.Outbox(channel.writer, self._broken, name=f"skyward-send-{self.name}")
+        self.outbox: FrameSink = channel.open_writer(self._broken)
         self._scheduler: Scheduler | None = None
-        self._reader: threading.Thread | None = None
+        self._dispatch: wire.Dispatch | None = None
+        self._receiving = threading.Lock()
+        self._early: list[wire.Frame] = []
+        self._hello: dict[str, Any] = {}
+        self._hello_seen = threading.Event()
+        self._end_reason: str | None = None
+        self._stopped = False
         self.on_message: Callable[[Node, bytes], object] = lambda node, body: None
 
     def __repr__(self) -> str:
@@ -64,41 +71,32 @@ class Node:
 
     def handshake(self, config: dict[str, Any], timeout: float) -> dict[str, Any]:
         """Send the client's HELLO and wait (bounded) for the agent's."""
+        self.channel.attach(self._frame, self._ended)
         self.outbox.put(wire.encode_obj(Kind.HELLO, config))
-        result: dict[str, Any] = {}
-
-        def read() -> None:
-            try:
-                frame = wire.read_frame(self.channel.reader)
-                if frame is None:
-                    result["error"] = "the agent exited before saying hello (see its stderr above)"
-                elif frame[0] != Kind.HELLO:
-                    result["error"] = f"the agent answered {frame[0].name} instead of HELLO"
-                else:
-                    result["hello"] = pickle.loads(frame[1])
-            except Exception as exc:  # noqa: BLE001
-                result["error"] = f"{type(exc).__name__}: {exc}"
-
-        if not call_with_timeout(read, timeout, name=f"skyward-hello-{self.name}")[0]:
-            self.channel.kill()  # which ends the read
+        if not self._hello_seen.wait(timeout):
+            self.channel.kill()
             raise NodeStartError(
                 f"{self.name}: the agent did not answer within {timeout:.0f}s (step: handshake)"
             )
-        if "error" in result:
-            raise NodeStartError(f"{self.name}: {result['error']} (step: handshake)")
-        self.info = result["hello"]
+        if "error" in self._hello:
+            raise NodeStartError(f"{self.name}: {self._hello['error']} (step: handshake)")
+        self.info = self._hello["hello"]
         wire.check_compatible(wire.versions(), self.info, self.name)
         return self.info
 
     def start(self, scheduler: Scheduler) -> None:
-        """Begin reading frames and handing them to ``scheduler``."""
-        self._scheduler = scheduler
+        """Begin handing frames to ``scheduler`` (those that came since the handshake first)."""
         self.alive = True
         self.last_heard = time.monotonic()
-        self._reader = threading.Thread(
-            target=self._read, name=f"skyward-recv-{self.name}", daemon=True
-        )
-        self._reader.start()
+        with self._receiving:
+            self._scheduler = scheduler
+            self._dispatch = self._table(scheduler)
+            early, self._early = self._early, []
+            for frame in early:
+                self._handle(*frame)
+            ended = self._end_reason
+        if ended is not None:
+            scheduler.node_lost(self, ended)
 
     # --- sending --------------------------------------------------------------------------
 
@@ -132,22 +130,16 @@ class Node:
 
     def heartbeat(self) -> None:
         """Tell the agent the client is alive."""
-        self.outbox.put(wire.encode_obj(Kind.HEARTBEAT, None))
+        self.outbox.put(wire.encode_obj(Kind.HEARTBEAT, None), urgent=True)
 
-    # --- receiving ------------------------------------------------------------------------
+    # --- receiving (on the I/O loop: bookkeeping only, no user code) ----------------------
 
-    def _read(self) -> None:
-        """Hand every frame to the scheduler; only bookkeeping runs here (no user code)."""
-        scheduler = self._scheduler
-        assert scheduler is not None
-        reason = "its channel closed (agent process exited or connection lost)"
-
+    def _table(self, scheduler: Scheduler) -> wire.Dispatch:
         def bye(body: bytes) -> object:  # the agent gives up, and says why
-            nonlocal reason
-            reason = f"the agent stopped: {pickle.loads(body)}"
+            self._end_reason = f"the agent stopped: {pickle.loads(body)}"
             return wire.STOP
 
-        frames = wire.Dispatch(
+        return wire.Dispatch(
             {
                 Kind.RESULT: lambda body: scheduler.on_results(self, pickle.loads(body)),
                 Kind.HEARTBEAT: self._heartbeat,
@@ -157,11 +149,55 @@ class Node:
             },
             on_frame=self._received,
         )
+
+    def _frame(self, kind: Kind, body: bytes, size: int) -> None:
+        if not self._hello_seen.is_set():
+            self._received(size)
+            if kind != Kind.HELLO:
+                self._hello["error"] = f"the agent answered {kind.name} instead of HELLO"
+            else:
+                try:
+                    self._hello["hello"] = pickle.loads(body)
+                except Exception as exc:  # noqa: BLE001
+                    self._hello["error"] = f"{type(exc).__name__}: {exc}"
+            self._hello_seen.set()
+            return
+        with self._receiving:
+            if self._scheduler is None:
+                self._early.append((kind, body, size))
+            else:
+                self._handle(kind, body, size)
+
+    def _handle(self, kind: Kind, body: bytes, size: int) -> None:
+        if self._stopped:
+            return
+        assert self._dispatch is not None and self._scheduler is not None
         try:
-            frames.run(self.channel.reader)
+            stop = self._dispatch.handle(kind, body, size)
         except Exception as exc:  # noqa: BLE001
-            reason = f"reading from it failed: {type(exc).__name__}: {exc}"
-        scheduler.node_lost(self, reason)
+            self._end_reason = f"reading from it failed: {type(exc).__name__}: {exc}"
+            stop = True
+        if stop:
+            self._stopped = True
+            self._scheduler.node_lost(self, self._end_reason or "the agent stopped")
+
+    def _ended(self, reason: str) -> None:
+        if not self._hello_seen.is_set():
+            self._hello["error"] = (
+                "the agent exited before saying hello (see its stderr above)"
+                if reason.startswith("its channel closed")
+                else reason
+            )
+            self._hello_seen.set()
+        with self._receiving:
+            if self._stopped:
+                return
+            self._stopped = True
+            if self._end_reason is None:
+                self._end_reason = reason
+            scheduler = self._scheduler
+        if scheduler is not None:
+            scheduler.node_lost(self, self._end_reason)
 
     def _received(self, size: int) -> None:
         self.bytes_received += size
@@ -189,8 +225,6 @@ class Node:
                     break
         self.outbox.close()
         self.channel.close(timeout)
-        if self._reader is not None and self._reader is not threading.current_thread():
-            self._reader.join(timeout)
 
     def stats(self) -> dict[str, Any]:
         """Counters for this node (see :meth:`skyward.Compute.stats`)."""

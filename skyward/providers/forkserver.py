@@ -33,7 +33,7 @@ import sys
 import threading
 from typing import IO
 
-from skyward.channel import Channel, forward_lines
+from skyward.channel import LoopPipes
 
 _PID = struct.Struct("!q")
 _TEMPLATE = "import sys; from skyward.providers.forkserver import serve; serve(sys.argv[1])"
@@ -126,7 +126,7 @@ class ForkServer:
             self.process.wait(5)
 
 
-class ForkedChannel(Channel):
+class ForkedChannel(LoopPipes):
     """An agent forked by the template, spoken to over its pipes; waited for and killed
     through a pidfd, as it is not this process's child."""
 
@@ -137,7 +137,7 @@ class ForkedChannel(Channel):
         self.writer = os.fdopen(stdin, "wb")
         self.reader = os.fdopen(stdout, "rb")
         self._errors: IO[bytes] = os.fdopen(stderr, "rb")
-        self._stderr = forward_lines(name, self._errors)
+        self._serve(stderr)
 
     @property
     def pid(self) -> int | None:
@@ -171,7 +171,7 @@ class ForkedChannel(Channel):
         self._release()
 
     def _release(self) -> None:
-        self._stderr.join(1)
+        self._detach()
         for stream in (self.writer, self.reader, self._errors):
             try:
                 stream.close()

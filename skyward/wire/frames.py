@@ -18,7 +18,7 @@ import pickle
 import struct
 import threading
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from enum import IntEnum
 from typing import IO, Any, Final
 
@@ -128,11 +128,22 @@ def read_frame(stream: IO[bytes], limit: int | None = None) -> tuple[Kind, bytes
     header = _read_exact(stream, HEADER.size, "frame header", at_boundary=True)
     if header is None:
         return None
+    if limit is None:
+        limit = max_frame_bytes()
+    kind, flags, length = _parse_header(header, limit)
+    body = _read_exact(stream, length, f"{kind.name} frame of {length} bytes") if length else b""
+    assert body is not None
+    return kind, _body(kind, flags, body, limit), HEADER.size + length
+
+
+def _parse_header(header: bytes | bytearray, limit: int) -> tuple[Kind, int, int]:
+    """``(kind, flags, length)`` of a frame header, refused when not ours or above ``limit``."""
     magic, protocol, code, flags, length = HEADER.unpack(header)
     if magic != MAGIC:
         raise ProtocolError(
-            f"unexpected bytes on the agent channel ({header!r}): something other than the "
-            "Skyward agent wrote to its stdout (a login banner or a shell profile that prints?)"
+            f"unexpected bytes on the agent channel ({bytes(header)!r}): something other than "
+            "the Skyward agent wrote to its stdout (a login banner or a shell profile that "
+            "prints?)"
         )
     if protocol != PROTOCOL:
         raise ProtocolError(
@@ -143,15 +154,98 @@ def read_frame(stream: IO[bytes], limit: int | None = None) -> tuple[Kind, bytes
         kind = Kind(code)
     except ValueError:
         raise ProtocolError(f"unknown frame kind {code} (the peer runs another version)") from None
-    if limit is None:
-        limit = max_frame_bytes()
     if length > limit:
         raise ProtocolError(f"a {kind.name} frame of {length} bytes is above {_limit_hint(limit)}")
-    body = _read_exact(stream, length, f"{kind.name} frame of {length} bytes") if length else b""
-    assert body is not None
-    if flags & FLAG_LZ4:
-        body = _decompress(body, limit, kind)
-    return kind, body, HEADER.size + length
+    return kind, flags, length
+
+
+def _body(kind: Kind, flags: int, body: bytes, limit: int) -> bytes:
+    return _decompress(body, limit, kind) if flags & FLAG_LZ4 else body
+
+
+Frame = tuple[Kind, bytes, int]
+"""A decoded frame: ``(kind, body, wire_size)``."""
+
+LARGE_BODY = 1 << 20
+"""A body at least this large is read into its own buffer, not through the parser's."""
+
+
+class FrameParser:
+    """Frames from a byte stream that arrives in pieces (the client's I/O loop).
+
+    Small frames are cut from an accumulation buffer; a body of :data:`LARGE_BODY`
+    bytes or more gets its own preallocated ``bytearray``, which the caller fills
+    in place (:meth:`target`, :meth:`filled`), so a large frame is never joined from
+    chunks. Limits are those of :func:`read_frame`; :meth:`end` raises
+    :class:`~skyward.errors.ProtocolError` when the stream stops inside a frame.
+    """
+
+    def __init__(self, limit: int | None = None) -> None:
+        self._limit = limit
+        self._buffer = bytearray()
+        self._large: bytearray | None = None
+        self._got = 0
+        self._head: tuple[Kind, int, int] = (Kind.HELLO, 0, 0)
+
+    def target(self) -> memoryview | None:
+        """Where the next bytes go when a large body is being read, else ``None``
+        (then read a chunk and :meth:`feed` it)."""
+        if self._large is None:
+            return None
+        return memoryview(self._large)[self._got :]
+
+    def filled(self, n: int) -> list[Frame]:
+        """``n`` bytes were written into :meth:`target`; the frames now complete."""
+        assert self._large is not None
+        self._got += n
+        if self._got < len(self._large):
+            return []
+        kind, flags, length = self._head
+        body, self._large, self._got = self._large, None, 0
+        limit = self._limit if self._limit is not None else max_frame_bytes()
+        return [(kind, _body(kind, flags, body, limit), HEADER.size + length)]  # type: ignore[arg-type]
+
+    def feed(self, data: bytes) -> list[Frame]:
+        """Add ``data`` (read while :meth:`target` is ``None``); the frames now complete."""
+        buffer = self._buffer
+        buffer += data
+        frames: list[Frame] = []
+        while len(buffer) >= HEADER.size:
+            limit = self._limit if self._limit is not None else max_frame_bytes()
+            kind, flags, length = _parse_header(buffer[: HEADER.size], limit)
+            end = HEADER.size + length
+            if len(buffer) >= end:
+                body = bytes(buffer[HEADER.size : end])
+                del buffer[:end]
+                frames.append((kind, _body(kind, flags, body, limit), end))
+            elif length >= LARGE_BODY:
+                self._head = (kind, flags, length)
+                self._large = bytearray(length)
+                self._got = len(buffer) - HEADER.size
+                self._large[: self._got] = buffer[HEADER.size :]
+                buffer.clear()
+                break
+            else:
+                break
+        return frames
+
+    def end(self) -> None:
+        """The stream ended: an error unless that was between two frames."""
+        if self._large is not None:
+            kind, _, length = self._head
+            what, got, n = f"{kind.name} frame of {length} bytes", self._got, length
+        elif self._buffer:
+            if len(self._buffer) < HEADER.size:
+                what, got, n = "frame header", len(self._buffer), HEADER.size
+            else:
+                kind, _, length = _parse_header(self._buffer[: HEADER.size], 1 << 62)
+                what, got, n = f"{kind.name} frame of {length} bytes", len(self._buffer), length
+        else:
+            return
+        raise ProtocolError(
+            f"the stream ended inside a {what} ({got} of {n} bytes read): the peer "
+            "exited or the connection was cut while it was writing"
+        )
 
 
 def _read_exact(stream: IO[bytes], n: int, what: str, at_boundary: bool = False) -> bytes | None:
@@ -235,14 +329,17 @@ class Dispatch:
             frame = read_frame(stream, limit)
             if frame is None:
                 return True
-            kind, body, size = frame
-            if self.on_frame is not None:
-                self.on_frame(size)
-            handler = self.handlers.get(kind)
-            if handler is None:
-                raise ProtocolError(f"unexpected {kind.name} frame from the peer")
-            if handler(body) is STOP:
+            if self.handle(*frame):
                 return False
+
+    def handle(self, kind: Kind, body: bytes, size: int) -> bool:
+        """Apply the handler for one frame; whether it asked to stop."""
+        if self.on_frame is not None:
+            self.on_frame(size)
+        handler = self.handlers.get(kind)
+        if handler is None:
+            raise ProtocolError(f"unexpected {kind.name} frame from the peer")
+        return handler(body) is STOP
 
 
 # --- writing --------------------------------------------------------------------------------
@@ -270,8 +367,11 @@ class Outbox:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def put(self, frame: bytes) -> None:
-        """Queue one frame (or several, concatenated)."""
+    def put(self, frame: bytes | Sequence[bytes | memoryview], urgent: bool = False) -> None:
+        """Queue one frame (or several, concatenated), given whole or as a list of buffers;
+        ``urgent`` is accepted for the I/O loop's writers' sake (here frames keep their order)."""
+        if not isinstance(frame, bytes):
+            frame = b"".join(frame)
         with self._ready:
             if self._closed:
                 return

@@ -1,0 +1,75 @@
+"""Issue 15, one I/O loop for all nodes: the client's threads do not grow with its nodes,
+and the loop's frame parser keeps the frame limits."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+import skyward as sky
+from skyward import wire
+from skyward.errors import ProtocolError
+from skyward.wire import Kind
+
+
+def pid_of(_: object = None) -> int:
+    return os.getpid()
+
+
+def client_threads(nodes: int) -> int:
+    """The client's threads while ``nodes`` Local nodes are up and every one has run a task."""
+    with sky.Compute(nodes=nodes, worker=sky.Worker(concurrency=1), progress=False) as compute:
+        pids = set(compute.map(pid_of, range(nodes * 4)))
+        assert pids <= {node.pid for node in compute.nodes}
+        return threading.active_count()
+
+
+def test_client_threads_do_not_grow_with_nodes(no_agents_left: None) -> None:
+    few = client_threads(5)
+    many = client_threads(50)
+    assert many <= few, f"{many} client threads with 50 nodes, {few} with 5"
+
+
+def frames_of(data: bytes, piece: int) -> list[wire.Frame]:
+    parser = wire.FrameParser()
+    out: list[wire.Frame] = []
+    offset = 0
+    while offset < len(data):
+        target = parser.target()
+        if target is not None:
+            n = min(len(target), piece, len(data) - offset)
+            target[:n] = data[offset : offset + n]
+            out += parser.filled(n)
+        else:
+            out += parser.feed(data[offset : offset + piece])
+            n = min(piece, len(data) - offset)
+        offset += n
+    parser.end()
+    return out
+
+
+@pytest.mark.parametrize("piece", [13, 4096, 1 << 22])
+def test_parser_cuts_frames_whatever_the_pieces(piece: int) -> None:
+    large = os.urandom(3 << 20)  # incompressible: read into its own buffer
+    data = (
+        wire.encode_obj(Kind.HEARTBEAT, None)
+        + wire.encode(Kind.BLOB, large)
+        + wire.encode(Kind.RESULT, b"x" * 200_000)  # lz4-compressed
+    )
+    frames = frames_of(data, piece)
+    assert [kind for kind, _, _ in frames] == [Kind.HEARTBEAT, Kind.BLOB, Kind.RESULT]
+    assert bytes(frames[1][1]) == large
+    assert frames[2][1] == b"x" * 200_000
+    assert sum(size for _, _, size in frames) == len(data)
+
+
+def test_parser_refuses_truncated_and_oversized_frames() -> None:
+    frame = wire.encode(Kind.BLOB, os.urandom(2 << 20))
+    with pytest.raises(ProtocolError, match="ended inside a BLOB frame"):
+        frames_of(frame[:-1], 1 << 16)
+    with pytest.raises(ProtocolError, match="ended inside a frame header"):
+        frames_of(frame[:5], 1 << 16)
+    with pytest.raises(ProtocolError, match="above the limit"):
+        wire.FrameParser(limit=1 << 20).feed(frame[: wire.HEADER.size])

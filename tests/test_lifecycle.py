@@ -93,7 +93,7 @@ def test_progress_display_draws_on_a_terminal() -> None:
     drawn = b"".join(chunks).decode()
     assert proc.stdout == b"done\n"
     assert "skyward: " in drawn and "node(s) ready" in drawn
-    assert "20/20 task(s) done" in drawn
+    assert "20/20 tasks done" in drawn
 
 
 def test_progress_object_is_disabled_for_non_tty_streams() -> None:

@@ -74,8 +74,16 @@ def test_lost_node_is_restarted_and_slots_come_back(no_agents_left: None) -> Non
     with sky.Compute(nodes=2, worker=sky.Worker(concurrency=2)) as compute:
         old_pid = compute.nodes[0].pid
         os.kill(old_pid, signal.SIGKILL)  # type: ignore[arg-type]
-        assert wait_until(lambda: compute.nodes[0].alive and compute.nodes[0].pid != old_pid, 30)
-        assert compute.total_slots == 4
+        # Compute publishes the new node a moment before the scheduler counts its slots
+        # (a window the forked, fast restart can hit): wait for both.
+        assert wait_until(
+            lambda: (
+                compute.nodes[0].alive
+                and compute.nodes[0].pid != old_pid
+                and compute.total_slots == 4
+            ),
+            30,
+        )
         pids = {pid for _, pid in compute.map(slow_identity, range(40))}
         assert compute.nodes[0].pid in pids
 
@@ -162,7 +170,9 @@ CLIENT = textwrap.dedent(
 def _run_client(wait: str) -> tuple[subprocess.Popen[str], list[int]]:
     proc = subprocess.Popen(
         [sys.executable, "-c", CLIENT.format(wait=wait)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     assert proc.stdout is not None
     line = proc.stdout.readline()

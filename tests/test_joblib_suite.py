@@ -43,7 +43,7 @@ def test_joblib_test_parallel_passes_with_skyward_as_default_backend(tmp_path):
         "skyward_default",
         "-rfEsxX",
         "--timeout",
-        "60",
+        "180",  # a hang guard per test: some spawn loky or multiprocessing pools
     ]
     try:
         done = subprocess.run(

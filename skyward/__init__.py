@@ -18,16 +18,23 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from skyward.compute import Compute, ComputeStateError
-    from skyward.errors import RemoteError, UnpicklableTaskError, VersionMismatchError
+    from skyward.compute import Compute
+    from skyward.errors import (
+        ComputeStateError,
+        NoWorkersError,
+        PinConflictError,
+        PluginError,
+        RemoteError,
+        UnpicklableTaskError,
+        VersionMismatchError,
+        WorkerDiedError,
+    )
     from skyward.hookspecs import hookimpl
-    from skyward.plugins import PluginError
     from skyward.plugins import namespace as plugins
     from skyward.providers.aws import AWS
     from skyward.providers.local import Local
     from skyward.providers.ssh import SSH
-    from skyward.scheduler import NoWorkersError, WorkerDiedError
-    from skyward.spec import Image, PinConflictError, Worker
+    from skyward.spec import Image, Worker
 
 __all__ = [
     "AWS",
@@ -53,17 +60,17 @@ _LAZY = {
     "AWS": ("skyward.providers.aws", "AWS"),
     "SSH": ("skyward.providers.ssh", "SSH"),
     "Compute": ("skyward.compute", "Compute"),
-    "ComputeStateError": ("skyward.compute", "ComputeStateError"),
+    "ComputeStateError": ("skyward.errors", "ComputeStateError"),
     "Image": ("skyward.spec", "Image"),
     "Local": ("skyward.providers.local", "Local"),
-    "NoWorkersError": ("skyward.scheduler", "NoWorkersError"),
-    "PinConflictError": ("skyward.spec", "PinConflictError"),
-    "PluginError": ("skyward.plugins", "PluginError"),
+    "NoWorkersError": ("skyward.errors", "NoWorkersError"),
+    "PinConflictError": ("skyward.errors", "PinConflictError"),
+    "PluginError": ("skyward.errors", "PluginError"),
     "RemoteError": ("skyward.errors", "RemoteError"),
     "UnpicklableTaskError": ("skyward.errors", "UnpicklableTaskError"),
     "VersionMismatchError": ("skyward.errors", "VersionMismatchError"),
     "Worker": ("skyward.spec", "Worker"),
-    "WorkerDiedError": ("skyward.scheduler", "WorkerDiedError"),
+    "WorkerDiedError": ("skyward.errors", "WorkerDiedError"),
     "hookimpl": ("skyward.hookspecs", "hookimpl"),
     "plugins": ("skyward.plugins", "namespace"),
 }

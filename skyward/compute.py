@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 from skyward import safety, wire
 from skyward.agent import spot
+from skyward.calls import Call, chunks, in_order
 from skyward.channel import Channel
 from skyward.errors import ComputeStateError
 from skyward.messages import Handler, MessageHandlers
@@ -404,11 +405,11 @@ class Compute(Executor):
         with self.call() as call:
             if chunksize == 1:
                 futures = [call.submit(fn, *args) for args in zip(*iterables, strict=False)]
-                return _results(futures, end)
+                return in_order(futures, end)
             runner = wire.ChunkRunner(fn)
-            chunks = _chunks(zip(*iterables, strict=False), chunksize)
-            batches = [call.submit(runner, chunk) for chunk in chunks]
-        return (value for chunk in _results(batches, end) for value in chunk)
+            pieces = chunks(zip(*iterables, strict=False), chunksize)
+            batches = [call.submit(runner, chunk) for chunk in pieces]
+        return (value for chunk in in_order(batches, end) for value in chunk)
 
     def on_message(self, topic: str, handler: Handler | None) -> None:
         """Run ``handler(message)`` on the client for each ``skyward.agent.emit(topic, message)``.
@@ -482,60 +483,3 @@ def _size(count: float) -> str:
             return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
         count /= 1024
     return f"{count:.1f} GiB"
-
-
-class Call:
-    """One call on a :class:`Compute`: many tasks that name the same data.
-
-    Made by :meth:`Compute.call`. Within a call a large argument object (an array of
-    1 MiB or more) and a function pickled by value are pickled and hashed once, then
-    named by identity: an in-place change made while the call runs may go unseen by
-    its later tasks. Once the call is closed, content decides again.
-    """
-
-    def __init__(self, compute: Compute, scope: wire.CallScope) -> None:
-        self.compute = compute
-        self._scope = scope
-
-    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
-        """:meth:`Compute.submit`, as part of this call."""
-        return self.compute._submit(fn, args, kwargs, self._scope)
-
-    def close(self) -> None:
-        """End the call (tasks already submitted run on)."""
-        self._scope.close()
-
-    def __enter__(self) -> Call:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-
-def _results(futures: list[Future[T]], end: float | None) -> Iterator[T]:
-    """Yield results in order, as ``Executor.map`` does; cancel the rest on the way out."""
-    futures.reverse()
-    try:
-        while futures:
-            future = futures.pop()
-            try:
-                value = future.result(None if end is None else end - time.monotonic())
-            except BaseException:
-                future.cancel()
-                raise
-            del future
-            yield value
-    finally:
-        for future in futures:
-            future.cancel()
-
-
-def _chunks(items: Iterable[tuple[Any, ...]], size: int) -> Iterator[list[tuple[Any, ...]]]:
-    chunk: list[tuple[Any, ...]] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk

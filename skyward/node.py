@@ -16,7 +16,8 @@ from skyward.wire import Kind
 
 if TYPE_CHECKING:
     from skyward.io import FrameSink
-    from skyward.scheduler import Scheduler, TaskRecord
+    from skyward.scheduler import Scheduler
+    from skyward.tasks import TaskRecord
 
 
 class Node:

@@ -32,12 +32,20 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import CancelledError, Future, InvalidStateError
+from concurrent.futures import CancelledError
 from typing import Any
 
-from skyward import wire
-from skyward.errors import NoWorkersError, WorkerDiedError
+from skyward.errors import NoWorkersError
 from skyward.node import Node
+from skyward.tasks import (
+    SkywardFuture,
+    TaskCounts,
+    TaskRecord,
+    lost_error,
+    no_workers_message,
+    settle,
+    settle_future,
+)
 from skyward.wire import Status
 
 log = logging.getLogger("skyward")
@@ -48,100 +56,6 @@ log = logging.getLogger("skyward")
 SPECULATE_FACTOR = 3.0
 SPECULATE_MIN_SECONDS = 2.0
 SPECULATE_SAMPLES = 3
-
-
-class SkywardFuture(Future[Any]):
-    """A :class:`concurrent.futures.Future` whose :meth:`cancel` also stops running tasks.
-
-    The future stays in the standard *pending* state while its task runs on a
-    node, so the standard :meth:`cancel` applies to it: ``wait``, ``as_completed``
-    and done-callbacks see the cancellation at once, and the node is told to
-    stop the task. :meth:`running` says whether the task has been sent to a node.
-    """
-
-    _record: TaskRecord | None = None
-    _scheduler: Scheduler | None = None
-    _notified = False
-
-    def cancel(self) -> bool:
-        """Cancel the task: a queued one never starts, a running one is stopped on its node.
-
-        Returns False only when the task has already finished.
-        """
-        if not super().cancel():
-            return False
-        with _NOTIFY_LOCK:
-            if self._notified:
-                return True
-            self._notified = True
-            # Standard executors call this when they dequeue the cancelled item; ours
-            # has no such moment for a running task, so waiters are woken here.
-            self.set_running_or_notify_cancel()
-        if self._scheduler is not None and self._record is not None:
-            self._scheduler.cancel_task(self._record)
-        return True
-
-    def running(self) -> bool:
-        """Whether the task has been sent to a node and has not finished yet.
-
-        Unlike a standard future's, a running task can still be cancelled.
-        """
-        record = self._record
-        return record is not None and record.node is not None and not self.done()
-
-
-_NOTIFY_LOCK = threading.Lock()
-
-
-class TaskRecord:
-    """One submitted task as the scheduler tracks it."""
-
-    __slots__ = (
-        "id",
-        "payload",
-        "keys",
-        "future",
-        "attempts",
-        "node",
-        "name",
-        "deaths",
-        "group",
-        "started",
-        "twin",
-    )
-
-    def __init__(
-        self,
-        task_id: int,
-        payload: bytes,
-        keys: tuple[str, ...],
-        future: SkywardFuture,
-        name: str,
-        group: object = None,
-    ) -> None:
-        self.id = task_id
-        self.payload = payload
-        self.keys = keys
-        self.future = future
-        self.attempts = 0
-        self.node: Node | None = None  # set while the task is on a node
-        self.name = name
-        self.deaths: list[str] = []
-        self.group = group  # tasks whose run times are compared (one call)
-        self.started = 0.0  # time.monotonic() of the last dispatch
-        self.twin: TaskRecord | None = None  # the other copy of a speculated task
-
-
-@dataclasses.dataclass
-class TaskCounts:
-    """What became of a scheduler's tasks (see :meth:`Scheduler.stats`)."""
-
-    submitted: int = 0
-    completed: int = 0
-    failed: int = 0
-    retried: int = 0
-    cancelled: int = 0
-    speculated: int = 0
 
 
 class Scheduler:
@@ -265,7 +179,7 @@ class Scheduler:
                     "this Compute is shut down: submit tasks inside its `with` block"
                 )
             if not self.restarting and not any(n.alive for n in self.nodes):
-                raise NoWorkersError(_no_workers_message(self.nodes))
+                raise NoWorkersError(no_workers_message(self.nodes))
             self._queue.append(record)
             self.counts.submitted += 1
         self._pump()
@@ -435,45 +349,10 @@ class Scheduler:
     ) -> tuple[int, int]:
         completed = failed = 0
         for record, status, payload in done:
-            outcome = self._resolve(record, status, payload, node)
+            outcome = settle(record, status, payload, node, self.max_retries)
             completed += outcome is True
             failed += outcome is False
         return completed, failed
-
-    def _resolve(
-        self, record: TaskRecord, status: Status, payload: bytes, node: Node
-    ) -> bool | None:
-        """Settle ``record``'s future: True if it completed, False if it failed, None if
-        it was already settled (cancelled)."""
-        future = record.future
-        if future.done():
-            return None
-        try:
-            if status == Status.OK:
-                try:
-                    value = pickle.loads(payload)
-                except Exception as exc:
-                    raise TypeError(
-                        f"the result of {record.name} from {node.name} cannot be unpickled on "
-                        f"the client: {type(exc).__name__}: {exc}. Make the result's classes "
-                        "importable on the client"
-                    ) from exc
-                return True if _settle(future.set_result, value) else None
-            if status == Status.ERROR:
-                error = wire.loads_error(payload)
-            elif status == Status.WORKER_DIED:
-                causes = "; ".join(dict.fromkeys(record.deaths))
-                error = WorkerDiedError(
-                    f"task {record.name} killed its worker on each of its {record.attempts} "
-                    f"attempt(s): {causes}. It was not retried further "
-                    f"(max_retries={self.max_retries}); the rest of the cluster keeps running"
-                )
-            else:  # CANCELLED: only ever the answer to a cancel, so the future is cancelled
-                future.cancel()
-                return None
-        except Exception as exc:  # noqa: BLE001
-            error = exc
-        return False if _settle(future.set_exception, error) else None
 
     def _fail_later(self, failed: list[tuple[TaskRecord, BaseException]]) -> None:
         """Have the result thread fail tasks that cannot run any more (lock not held)."""
@@ -481,7 +360,9 @@ class Scheduler:
             return
         with self.lock:
             self._undelivered += 1
-        self._jobs.put(lambda: (0, sum(_settle(r.future.set_exception, e) for r, e in failed)))
+        self._jobs.put(
+            lambda: (0, sum(settle_future(r.future.set_exception, e) for r, e in failed))
+        )
 
     # --- node loss ------------------------------------------------------------------------
 
@@ -512,7 +393,7 @@ class Scheduler:
                     continue
                 retried = self._retry(record, f"{node.name} was lost ({reason})")
                 if not retried and not record.future.cancelled():
-                    failed.append((record, _lost_error(record, self.max_retries)))
+                    failed.append((record, lost_error(record, self.max_retries)))
         replacing = self.replace is not None and self.replace(node, reason)
         with self.lock:
             if replacing:
@@ -538,7 +419,7 @@ class Scheduler:
         """With no live node and none coming back, queued work fails (lock held)."""
         if any(n.alive for n in self.nodes) or self.restarting or self.closed:
             return []
-        message = _no_workers_message(self.nodes)
+        message = no_workers_message(self.nodes)
         failed: list[tuple[TaskRecord, BaseException]] = []
         while self._queue:
             failed.append((self._queue.popleft(), NoWorkersError(message)))
@@ -612,33 +493,6 @@ class Scheduler:
                 "queued": len(self._queue),
                 "running": running,
             }
-
-
-def _settle(method: Callable[[Any], None], outcome: Any) -> bool:
-    """Set a future's result or exception; False if it was settled (cancelled) before."""
-    try:
-        method(outcome)
-    except InvalidStateError:
-        return False
-    return True
-
-
-def _lost_error(record: TaskRecord, max_retries: int) -> BaseException:
-    causes = "; ".join(dict.fromkeys(record.deaths))
-    return WorkerDiedError(
-        f"task {record.name} was running on a node that was lost on each of its "
-        f"{record.attempts} attempt(s) ({causes}); giving up after "
-        f"max_retries={max_retries}. If the task itself crashes its worker (os._exit, "
-        "segfault, out of memory), fix the task; otherwise raise max_retries"
-    )
-
-
-def _no_workers_message(nodes: list[Node]) -> str:
-    names = ", ".join(n.name for n in nodes) or "none"
-    return (
-        f"no live worker node is left (lost: {names}); the remaining tasks cannot run. "
-        "Check the nodes' stderr above for the cause and start a new Compute"
-    )
 
 
 __all__ = ["Scheduler", "SkywardFuture", "CancelledError"]

@@ -27,7 +27,9 @@ from dataclasses import dataclass
 import paramiko
 from paramiko.pkey import UnknownKeyType
 
-__all__ = ["SYSTEM_KNOWN_HOSTS", "KnownHosts", "host_matches"]
+from skyward.errors import HostKeyError
+
+__all__ = ["SYSTEM_KNOWN_HOSTS", "KnownHosts", "RejectUnknown", "host_matches", "revoked_error"]
 
 SYSTEM_KNOWN_HOSTS = "/etc/ssh/ssh_known_hosts"
 
@@ -146,3 +148,51 @@ class KnownHosts:
             if host_matches(name, line.patterns):
                 return line.source
         return None
+
+
+class RejectUnknown(paramiko.MissingHostKeyPolicy):
+    """Refuse a host key that ``known`` does not trust, saying why and how to trust it."""
+
+    def __init__(self, name: str, source: str, known: KnownHosts | None) -> None:
+        self.name = name
+        self.source = source
+        self.known = known
+
+    def missing_host_key(
+        self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey
+    ) -> None:
+        revoked = self.known.revoked(hostname, key) if self.known is not None else None
+        if revoked is not None:
+            raise revoked_error(self.name, hostname, key, revoked)
+        authority = self.known.authority_for(hostname) if self.known is not None else None
+        note = (
+            f" ({authority} trusts a certificate authority for this host, but Skyward "
+            "cannot check host certificates: trust the host's own key)"
+            if authority is not None
+            else ""
+        )
+        raise HostKeyError(
+            f"{self.name}: host key not trusted: {hostname} is not in {self.source}{note}. It "
+            f"offered a {key.get_name()} key with fingerprint {key.fingerprint}. If that is the "
+            f"host's key (check with `ssh-keygen -lf /etc/ssh/ssh_host_*_key.pub` on it), "
+            f"trust it with `ssh-keyscan{_port_flag(hostname)} {_bare(hostname)} >> "
+            f"~/.ssh/known_hosts` or pass sky.SSH(known_hosts='file') (step: connect)"
+        )
+
+
+def revoked_error(name: str, hostname: str, key: paramiko.PKey, where: str) -> HostKeyError:
+    return HostKeyError(
+        f"{name}: host key REVOKED: {hostname} offered the {key.get_name()} key "
+        f"{key.fingerprint}, which {where} marks @revoked: it is never accepted. If the host "
+        "has a new key, check it and trust that one (step: connect)"
+    )
+
+
+def _bare(hostname: str) -> str:
+    match = re.fullmatch(r"\[(.+)\]:(\d+)", hostname)
+    return match.group(1) if match else hostname
+
+
+def _port_flag(hostname: str) -> str:
+    match = re.fullmatch(r"\[(.+)\]:(\d+)", hostname)
+    return f" -p {match.group(2)}" if match else ""

@@ -15,7 +15,6 @@ from __future__ import annotations
 import getpass
 import logging
 import os
-import re
 import socket
 import threading
 import time
@@ -30,7 +29,12 @@ from skyward import bootstrap
 from skyward.channel import Channel, SSHChannel
 from skyward.errors import HostKeyError, NodeStartError
 from skyward.providers import ClusterSpec, Launcher, Provider
-from skyward.providers.known_hosts import SYSTEM_KNOWN_HOSTS, KnownHosts
+from skyward.providers.known_hosts import (
+    SYSTEM_KNOWN_HOSTS,
+    KnownHosts,
+    RejectUnknown,
+    revoked_error,
+)
 from skyward.providers.ssh_config import Host
 from skyward.providers.ssh_config import load as load_ssh_config
 from skyward.providers.ssh_config import resolve as resolve_host
@@ -174,52 +178,6 @@ class SSH(Provider):
         )
 
 
-class _Reject(paramiko.MissingHostKeyPolicy):
-    def __init__(self, name: str, source: str, known: KnownHosts | None) -> None:
-        self.name = name
-        self.source = source
-        self.known = known
-
-    def missing_host_key(
-        self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey
-    ) -> None:
-        revoked = self.known.revoked(hostname, key) if self.known is not None else None
-        if revoked is not None:
-            raise _revoked(self.name, hostname, key, revoked)
-        authority = self.known.authority_for(hostname) if self.known is not None else None
-        note = (
-            f" ({authority} trusts a certificate authority for this host, but Skyward "
-            "cannot check host certificates: trust the host's own key)"
-            if authority is not None
-            else ""
-        )
-        raise HostKeyError(
-            f"{self.name}: host key not trusted: {hostname} is not in {self.source}{note}. It "
-            f"offered a {key.get_name()} key with fingerprint {key.fingerprint}. If that is the "
-            f"host's key (check with `ssh-keygen -lf /etc/ssh/ssh_host_*_key.pub` on it), "
-            f"trust it with `ssh-keyscan{_port_flag(hostname)} {_bare(hostname)} >> "
-            f"~/.ssh/known_hosts` or pass sky.SSH(known_hosts='file') (step: connect)"
-        )
-
-
-def _revoked(name: str, hostname: str, key: paramiko.PKey, where: str) -> HostKeyError:
-    return HostKeyError(
-        f"{name}: host key REVOKED: {hostname} offered the {key.get_name()} key "
-        f"{key.fingerprint}, which {where} marks @revoked: it is never accepted. If the host "
-        "has a new key, check it and trust that one (step: connect)"
-    )
-
-
-def _bare(hostname: str) -> str:
-    match = re.fullmatch(r"\[(.+)\]:(\d+)", hostname)
-    return match.group(1) if match else hostname
-
-
-def _port_flag(hostname: str) -> str:
-    match = re.fullmatch(r"\[(.+)\]:(\d+)", hostname)
-    return f" -p {match.group(2)}" if match else ""
-
-
 class HostLauncher(Launcher):
     """Connects to one host, prepares its environment and starts the agent there.
 
@@ -356,7 +314,7 @@ class HostLauncher(Launcher):
             for key in known.trusted(name):
                 client.get_host_keys().add(name, key.get_name(), key)
             source = " or ".join([path, *(p for p in known.paths if p != path)])
-        client.set_missing_host_key_policy(_Reject(self.name, source, known))
+        client.set_missing_host_key_policy(RejectUnknown(self.name, source, known))
         key_files = self._key_files()
         with self._lock:
             if self._closed:
@@ -388,7 +346,7 @@ class HostLauncher(Launcher):
             name = self._known_hosts_name()
             revoked = known.revoked(name, exc.key) if known is not None else None
             if revoked is not None:
-                raise _revoked(self.name, name, exc.key, revoked) from None
+                raise revoked_error(self.name, name, exc.key, revoked) from None
             if self.host_keys is None:
                 fix = (
                     f"if the host was reinstalled, remove the old key with `ssh-keygen -R "

@@ -97,7 +97,8 @@ class NodeStarter:
                 done = [f.done() for f in futures]
                 failed = [f for f, d in zip(futures, done, strict=True) if d and f.exception()]
                 up = sum(done) - len(failed)
-                if all(done) or (up >= need and need < count) or len(failed) > count - need:
+                # All nodes needed: await every start, so the error reported is node order's.
+                if all(done) or (need < count and (up >= need or len(failed) > count - need)):
                     break
                 pending = [f for f, d in zip(futures, done, strict=True) if not d]
                 wait(pending, return_when=FIRST_COMPLETED)

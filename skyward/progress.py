@@ -85,12 +85,6 @@ def _is_terminal(stream: TextIO) -> bool:
         return False
 
 
-def rate(done: int, started: float) -> str:
-    """``'123.4/s'`` since ``started`` (a ``time.monotonic()`` value)."""
-    elapsed = max(time.monotonic() - started, 1e-9)
-    return f"{done / elapsed:.1f}/s"
-
-
 RATE_WINDOW = 10.0
 
 

@@ -15,9 +15,9 @@ its group, while nothing is queued and a slot is idle) is started once more on
 another node; the first copy to answer settles the future and the other is
 cancelled and forgotten.
 
-Futures are resolved on one result thread for the whole client, never on a
-node's I/O thread: unpickling a result and the done-callbacks it triggers are
-user code, and a slow one must not stall the frames (heartbeats) behind it.
+Tasks given a node are written by the I/O loop, one frame per node for all the
+tasks given it since the last write: a burst of submits costs a frame per node.
+Futures are settled on the :class:`~skyward.tasks.ResultThread`.
 """
 
 from __future__ import annotations
@@ -26,8 +26,6 @@ import dataclasses
 import itertools
 import logging
 import pickle
-import queue
-import statistics
 import threading
 import time
 from collections import deque
@@ -35,9 +33,12 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import CancelledError
 from typing import Any
 
+from skyward import io as skyio
 from skyward.errors import NoWorkersError
 from skyward.node import Node
+from skyward.stragglers import Stragglers
 from skyward.tasks import (
+    ResultThread,
     SkywardFuture,
     TaskCounts,
     TaskRecord,
@@ -50,13 +51,6 @@ from skyward.wire import Status
 
 log = logging.getLogger("skyward")
 
-# Speculation: a task is started again once it has run SPECULATE_FACTOR times the
-# median of its group, and SPECULATE_MIN_SECONDS at least, with SPECULATE_SAMPLES
-# finished tasks of the group to take the median of.
-SPECULATE_FACTOR = 3.0
-SPECULATE_MIN_SECONDS = 2.0
-SPECULATE_SAMPLES = 3
-
 
 class Scheduler:
     """Queues tasks and keeps every live slot busy."""
@@ -67,8 +61,7 @@ class Scheduler:
         self.max_retries = max_retries
         self.prefetch = prefetch
         self.speculate = speculate
-        # Run times of finished tasks, by group, for the straggler median.
-        self._durations: dict[object, deque[float]] = {}
+        self._stragglers = Stragglers()
         # Losing copies of speculated tasks still on their node: task id -> node.
         self._abandoned: dict[int, Node] = {}
         self.lock = threading.Lock()
@@ -80,6 +73,10 @@ class Scheduler:
         # Nodes being reclaimed (spot notice): no new work, their running tasks go on.
         self._draining: set[Node] = set()
         self._ids = itertools.count()
+        # Tasks given a node but not yet written to it: sent in one frame per node by the
+        # I/O loop, so a burst of submits costs a frame per node, not one per task.
+        self._unsent: dict[Node, list[TaskRecord]] = {}
+        self._flush_due = False
         self.closed = False
         self.counts = TaskCounts()
         self.restarting = 0
@@ -87,10 +84,8 @@ class Scheduler:
         self._changed = threading.Condition(self.lock)
         self.replace: Callable[[Node, str], bool] | None = None
         # Jobs for the result thread; each returns (completed, failed) for the counters.
-        self._jobs: queue.SimpleQueue[Callable[[], tuple[int, int]] | None] = queue.SimpleQueue()
         self._undelivered = 0  # jobs handed to the result thread and not done yet
-        self._results = threading.Thread(target=self._deliver, name="skyward-results", daemon=True)
-        self._results.start()
+        self._results = ResultThread(self._delivered)
 
     # --- nodes ----------------------------------------------------------------------------
 
@@ -186,7 +181,6 @@ class Scheduler:
         return future
 
     def _pump(self) -> None:
-        batches: dict[Node, list[TaskRecord]] = {}
         with self.lock:
             while self._queue:
                 taken = self._take()
@@ -202,7 +196,32 @@ class Scheduler:
                 record.attempts += 1
                 record.started = time.monotonic()
                 node.inflight[record.id] = record
-                batches.setdefault(node, []).append(record)
+                self._unsent.setdefault(node, []).append(record)
+            if not self._unsent or self._flush_due:
+                return
+            self._flush_due = True
+        skyio.loop().call(self._flush)
+
+    def _flush(self) -> None:
+        """(I/O loop.) Write the tasks given a node since the last flush, one frame per node.
+
+        A task cancelled meanwhile is not sent: its slot is given back instead.
+        """
+        batches: dict[Node, list[TaskRecord]] = {}
+        with self.lock:
+            self._flush_due = False
+            unsent, self._unsent = self._unsent, {}
+            for node, records in unsent.items():
+                for record in records:
+                    if node.inflight.get(record.id) is not record:
+                        continue  # the node was lost: the task went back to the queue
+                    if record.future.done():
+                        del node.inflight[record.id]
+                        self._release(node)
+                        self._changed.notify_all()
+                        continue
+                    record.sent = True
+                    batches.setdefault(node, []).append(record)
         for node, records in batches.items():
             node.send_tasks(records)
 
@@ -230,22 +249,14 @@ class Scheduler:
                 if status == Status.WORKER_DIED and self._retry(record, pickle.loads(payload)):
                     continue
                 if status == Status.OK and self.speculate:
-                    self._ran(record)
+                    self._stragglers.ran(record, time.monotonic())
                 done.append((record, status, payload))
             if done:
                 self._undelivered += 1
             self._changed.notify_all()
         self._pump()
         if done:
-            self._jobs.put(lambda: self._resolve_all(done, node))
-
-    def _ran(self, record: TaskRecord) -> None:
-        """Note ``record``'s run time for its group's median (lock held)."""
-        durations = self._durations.pop(record.group, None) or deque(maxlen=256)
-        durations.append(time.monotonic() - record.started)
-        self._durations[record.group] = durations  # most recent group last
-        if len(self._durations) > 64:
-            del self._durations[next(iter(self._durations))]
+            self._results.put(lambda: self._resolve_all(done, node))
 
     def _drop_twin(self, record: TaskRecord, status: Status) -> bool:
         """``record`` answered and has a speculative twin (lock held): the first answer
@@ -281,11 +292,8 @@ class Scheduler:
             ):
                 if record.twin is not None or record.future.done():
                     continue
-                durations = self._durations.get(record.group)
-                if durations is None or len(durations) < SPECULATE_SAMPLES:
-                    continue
-                limit = max(SPECULATE_FACTOR * statistics.median(durations), SPECULATE_MIN_SECONDS)
-                if now - record.started < limit:
+                median = self._stragglers.median_if_late(record, now)
+                if median is None:
                     continue
                 node = self._idle_slot(avoid=record.node)
                 if node is None:
@@ -295,6 +303,7 @@ class Scheduler:
                 )
                 copy.group, copy.node, copy.attempts, copy.started = record.group, node, 1, now
                 copy.twin, record.twin = record, copy
+                copy.sent = True
                 node.inflight[copy.id] = copy
                 batches.setdefault(node, []).append(copy)
                 self.counts.speculated += 1
@@ -303,7 +312,7 @@ class Scheduler:
                     record.name,
                     now - record.started,
                     record.node.name if record.node is not None else "?",
-                    statistics.median(durations),
+                    median,
                     node.name,
                 )
         for node, records in batches.items():
@@ -323,26 +332,17 @@ class Scheduler:
         if record.future.cancelled() or record.attempts > self.max_retries:
             return False
         record.node = None
+        record.sent = False
         self._queue.appendleft(record)
         self.counts.retried += 1
         return True
 
-    def _deliver(self) -> None:
-        """The result thread: run the jobs handed over, in order, until ``None``."""
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            counts = (0, 0)
-            try:
-                counts = job()
-            except BaseException:  # noqa: BLE001 - a done-callback's error must not end the thread
-                log.exception("error while resolving a task's future")
-            with self.lock:
-                self._undelivered -= 1
-                self.counts.completed += counts[0]
-                self.counts.failed += counts[1]
-                self._changed.notify_all()
+    def _delivered(self, completed: int, failed: int) -> None:
+        with self.lock:
+            self._undelivered -= 1
+            self.counts.completed += completed
+            self.counts.failed += failed
+            self._changed.notify_all()
 
     def _resolve_all(
         self, done: list[tuple[TaskRecord, Status, bytes]], node: Node
@@ -360,7 +360,7 @@ class Scheduler:
             return
         with self.lock:
             self._undelivered += 1
-        self._jobs.put(
+        self._results.put(
             lambda: (0, sum(settle_future(r.future.set_exception, e) for r, e in failed))
         )
 
@@ -438,7 +438,7 @@ class Scheduler:
             stops = [
                 (r.node, r.id)
                 for r in copies
-                if r.node is not None and r.node.alive and r.node.inflight.get(r.id) is r
+                if r.sent and r.node is not None and r.node.alive and r.node.inflight.get(r.id) is r
             ]
         for node, task_id in stops:
             node.cancel([task_id])
@@ -458,12 +458,7 @@ class Scheduler:
     def stop(self, timeout: float = 10.0) -> None:
         """End the result thread once it has resolved what it holds (waits ``timeout`` at
         most for done-callbacks still running)."""
-        self._jobs.put(None)
-        if threading.current_thread() is self._results:
-            return
-        self._results.join(timeout)
-        if self._results.is_alive():
-            log.warning("a done-callback is still running after %.0fs; not waiting for it", timeout)
+        self._results.stop(timeout)
 
     def wait_idle(self) -> None:
         """Wait until no task is queued, running, or waiting for its future to be resolved;
@@ -471,7 +466,7 @@ class Scheduler:
 
         Called from a done-callback, the result thread's own pending work does not count.
         """
-        on_result_thread = threading.current_thread() is self._results
+        on_result_thread = self._results.current
 
         def settled() -> bool:
             live = [n for n in self.nodes if n.alive]

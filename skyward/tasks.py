@@ -7,7 +7,9 @@ scheduler calls it on its result thread, never on a node's I/O thread.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import pickle
+import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
@@ -21,7 +23,9 @@ if TYPE_CHECKING:
     from skyward.node import Node
     from skyward.scheduler import Scheduler
 
-__all__ = ["SkywardFuture", "TaskCounts", "TaskRecord", "settle"]
+__all__ = ["ResultThread", "SkywardFuture", "TaskCounts", "TaskRecord", "settle"]
+
+log = logging.getLogger("skyward")
 
 
 class SkywardFuture(Future[Any]):
@@ -82,6 +86,7 @@ class TaskRecord:
         "group",
         "started",
         "twin",
+        "sent",
     )
 
     def __init__(
@@ -104,6 +109,7 @@ class TaskRecord:
         self.group = group  # tasks whose run times are compared (one call)
         self.started = 0.0  # time.monotonic() of the last dispatch
         self.twin: TaskRecord | None = None  # the other copy of a speculated task
+        self.sent = False  # written to its node (see Scheduler._flush)
 
 
 @dataclasses.dataclass
@@ -179,3 +185,52 @@ def no_workers_message(nodes: list[Node]) -> str:
         f"no live worker node is left (lost: {names}); the remaining tasks cannot run. "
         "Check the nodes' stderr above for the cause and start a new Compute"
     )
+
+
+Job = Callable[[], tuple[int, int]]
+"""Work for the :class:`ResultThread`: settles futures, returns ``(completed, failed)``."""
+
+
+class ResultThread:
+    """The client's one thread that settles futures.
+
+    Results are unpickled and done-callbacks run here, in the order the jobs came,
+    never on an I/O thread: they are user code, and a slow one must not stall the
+    frames (heartbeats) behind it. ``on_done(completed, failed)`` follows each job.
+    """
+
+    def __init__(self, on_done: Callable[[int, int], object]) -> None:
+        self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._on_done = on_done
+        self._thread = threading.Thread(target=self._run, name="skyward-results", daemon=True)
+        self._thread.start()
+
+    @property
+    def current(self) -> bool:
+        """Whether the caller is this thread (a done-callback)."""
+        return threading.current_thread() is self._thread
+
+    def put(self, job: Job) -> None:
+        """Run ``job`` after the jobs already handed over."""
+        self._jobs.put(job)
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            counts = (0, 0)
+            try:
+                counts = job()
+            except BaseException:  # noqa: BLE001 - a done-callback's error must not end the thread
+                log.exception("error while resolving a task's future")
+            self._on_done(*counts)
+
+    def stop(self, timeout: float) -> None:
+        """End once the jobs handed over are done (waits ``timeout`` at most for them)."""
+        self._jobs.put(None)
+        if self.current:
+            return
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("a done-callback is still running after %.0fs; not waiting for it", timeout)

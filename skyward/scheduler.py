@@ -377,7 +377,8 @@ class Scheduler:
             if not node.alive:
                 return
             node.alive = False
-            if node in self._draining:
+            reclaimed = node in self._draining
+            if reclaimed:
                 self._draining.discard(node)
             else:
                 self._live -= node.concurrency
@@ -391,6 +392,8 @@ class Scheduler:
                 if twin is not None:  # the other copy runs on: it settles the future
                     record.twin = twin.twin = None
                     continue
+                if reclaimed:  # a spot reclaim is no fault of the task: it costs no retry
+                    record.attempts -= 1
                 retried = self._retry(record, f"{node.name} was lost ({reason})")
                 if not retried and not record.future.cancelled():
                     failed.append((record, lost_error(record, self.max_retries)))

@@ -132,7 +132,8 @@ def test_spot_notice_drains_the_node_and_a_replacement_joins(
     caplog.set_level(logging.INFO, logger="skyward")
     metadata.window = window
     folder = str(tmp_path)
-    with sky.Compute(nodes=2, worker=sky.Worker(2), restarts=1) as compute:
+    # max_retries=0: a reclaim is no fault of the tasks, so rerunning them costs no retry.
+    with sky.Compute(nodes=2, worker=sky.Worker(2), restarts=1, max_retries=0) as compute:
         first = {n.pid: n for n in compute.nodes}
         held_futures = [compute.submit(held, (i, folder)) for i in range(8)]
         assert wait_until(lambda: len(list(tmp_path.glob("started-*"))) >= 4, 30)

@@ -473,6 +473,7 @@ class BlobRegistry:
     def stats(self) -> dict[str, int]:
         """Blob bytes held and blobs known (for tests and benchmarks)."""
         with self._lock:
+            self._tidy()
             return {"held_bytes": self.held, "blobs": len(self._blobs), "rebuilt": self.rebuilt}
 
     def clear(self) -> None:

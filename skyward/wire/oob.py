@@ -6,6 +6,9 @@ A ``BLOB`` frame's body lays them out one after the other::
 
     meta length (4 bytes) | meta: pickle of (key, [length of each part]) | in-band | buffer...
 
+each buffer padded to start at a multiple of :data:`ALIGN` bytes from the body's
+start, so an array unpickled from it is aligned (numpy's fast paths need that).
+
 The client writes that body as a list of buffers (header and meta, then the
 object's memory): nothing is concatenated, nothing copied per node. Blobs that
 compress go through lz4 instead (the frame's ``FLAG_LZ4``, streamed over the parts
@@ -31,6 +34,8 @@ from skyward.errors import ProtocolError
 from skyward.wire.frames import FLAG_LZ4, HEADER, MAGIC, PICKLE_PROTOCOL, PROTOCOL, Kind
 
 META = struct.Struct("!I")
+ALIGN = 64
+"""Out-of-band buffers start at multiples of this from the body's start (zero padding)."""
 COMPRESS_MAX = 16 * 1024 * 1024
 """Blobs up to this size go through lz4 when samples of them compress at all."""
 WELL_COMPRESSED = 0.25
@@ -85,14 +90,22 @@ def frame(key: str, parts: Sequence[Part]) -> list[Part]:
     """The ``BLOB`` frame carrying blob ``key`` as a list of buffers (see the module)."""
     lengths = [len(part) for part in parts]
     meta = pickle.dumps((key, lengths), protocol=PICKLE_PROTOCOL)
-    head = META.pack(len(meta)) + meta
-    total = len(head) + sum(lengths)
+    body: list[Part] = [META.pack(len(meta)) + meta]
+    total = len(body[0])
+    for index, part in enumerate(parts):
+        if index:  # out-of-band buffers start aligned, as numpy expects its data
+            pad = -total % ALIGN
+            if pad:
+                body.append(bytes(pad))
+                total += pad
+        body.append(part)
+        total += len(part)
     ratio = _sampled_ratio(parts)
     if ratio < (0.9 if total <= COMPRESS_MAX else WELL_COMPRESSED):
-        packed = _compress([head, *parts], total)
+        packed = _compress(body, total)
         if len(packed) < total:
             return [HEADER.pack(MAGIC, PROTOCOL, Kind.BLOB, FLAG_LZ4, len(packed)) + packed]
-    return [HEADER.pack(MAGIC, PROTOCOL, Kind.BLOB, 0, total) + head, *parts]
+    return [HEADER.pack(MAGIC, PROTOCOL, Kind.BLOB, 0, total) + body[0], *body[1:]]
 
 
 def _compress(parts: Sequence[Part], total: int) -> bytes:
@@ -113,15 +126,20 @@ def split(body: bytes | bytearray) -> tuple[str, list[memoryview]]:
     except Exception as exc:
         raise ProtocolError(f"a BLOB frame's header is malformed: {exc}") from None
     offset = META.size + size
-    if offset + sum(lengths) != len(view) or any(n < 0 for n in lengths):
-        raise ProtocolError(
-            f"a BLOB frame's parts ({sum(lengths)} bytes) do not fill its body "
-            f"({len(view) - offset} bytes after its header)"
-        )
     parts = []
-    for length in lengths:
+    for index, length in enumerate(lengths):
+        if index:
+            offset += -offset % ALIGN
+        if length < 0 or offset + length > len(view):
+            raise ProtocolError(
+                f"a BLOB frame's parts ({sum(lengths)} bytes) overrun its body ({len(view)} bytes)"
+            )
         parts.append(view[offset : offset + length])
         offset += length
+    if offset != len(view):
+        raise ProtocolError(
+            f"a BLOB frame's parts end at byte {offset} of its {len(view)}-byte body"
+        )
     return key, parts
 
 

@@ -48,7 +48,9 @@ def test_the_registry_stays_under_its_bound() -> None:
         _, keys = wire.dumps_task(_total, (a,), {}, registry)
         pinned.append(keys)
         assert registry.held <= bound
-    for keys, a in zip(pinned, arrays):  # every frame can still be produced, byte-exact
+    for keys, a in zip(
+        pinned, arrays, strict=True
+    ):  # every frame can still be produced, byte-exact
         (key,) = keys
         body = b"".join(bytes(p) for p in registry.frame(key))[wire.HEADER.size :]
         _, parts = wire.oob.split(body)

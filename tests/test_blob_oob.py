@@ -78,7 +78,7 @@ def test_a_large_array_round_trips_byte_exact_on_a_local_node(no_agents_left: No
     with sky.Compute(nodes=2) as compute:
         got = [compute.submit(_digest, v).result(timeout=120) for v in values]
         assert compute._blobs.stats()["held_bytes"] == 0  # nothing kept once done
-    for value, (digest, kind, writable) in zip(values, got):
+    for value, (digest, kind, writable) in zip(values, got, strict=True):
         assert (digest, kind) == _expected(value)
         assert not writable  # arrays arrive read-only, as with loky's memmaps
 

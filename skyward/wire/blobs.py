@@ -150,7 +150,6 @@ class FunctionBlob:
         }
 
 
-
 BLOB_MEMORY_ENV = "SKYWARD_CLIENT_BLOB_BYTES"
 
 
@@ -196,7 +195,7 @@ class Blob:
     dump: Callable[[Any], list[oob.Part]] | None = field(default=None, repr=False)
 
 
-class BlobKeys(tuple):  # type: ignore[type-arg]
+class BlobKeys(tuple[str, ...]):
     """The blob keys of one task, which keep those blobs' bytes available until released.
 
     The scheduler's task record holds it; :meth:`watch` releases the blobs when the
@@ -446,7 +445,7 @@ class BlobRegistry:
                     return blob.frame
             obj = blob.source() if blob is not None and blob.source is not None else None
             dump = blob.dump if blob is not None else None
-        if obj is None:
+        if blob is None or obj is None:
             raise BlobUnavailableError(
                 f"blob {key} is needed again (a node evicted it or was replaced) but the client "
                 "no longer holds it: its bytes were dropped to stay within "
@@ -483,4 +482,3 @@ class BlobRegistry:
             self._inline.clear()
             self._blobs.clear()
             self.held = 0
-

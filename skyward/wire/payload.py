@@ -160,7 +160,6 @@ class _TaskPickler(cloudpickle.Pickler):
         self.keys.append(key)
         return _blob, (key,)
 
-
     def _dump_function(self, fn: object) -> tuple[list[Part], dict[int, Any], tuple[str, ...]]:
         """Pickle a by-value function for its blob, its large globals as blobs of their own.
 

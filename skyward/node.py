@@ -40,7 +40,7 @@ class Node:
         self.blob_bytes_sent = 0
         self.blob_requests = 0
         self.tasks_done = 0
-        self._sent_blobs: set[str] = set()
+        self._sent_blobs: dict[str, int] = {}  # key -> its generation when sent
         self._send_lock = threading.Lock()
         self.outbox: FrameSink = channel.open_writer(self._broken)
         self._scheduler: Scheduler | None = None
@@ -116,17 +116,13 @@ class Node:
                 if isinstance(record.keys, wire.BlobKeys):
                     record.keys.watch(record.future)
                 try:
-                    frames = [
-                        (key, self.blobs.frame(key))
-                        for key in record.keys
-                        if key not in self._sent_blobs
-                    ]
+                    frames = self._missing_frames(record.keys)
                 except BlobUnavailableError as exc:
                     failed.append((record, exc))
                     continue
-                for key, frame in frames:
-                    if key not in self._sent_blobs:
-                        self._sent_blobs.add(key)
+                for key, generation, frame in frames:
+                    if self._sent_blobs.get(key) != generation:
+                        self._sent_blobs[key] = generation
                         buffers.extend(self._counted(key, frame))
                 sent.append(record)
             if sent:
@@ -137,7 +133,16 @@ class Node:
                 self.outbox.put(buffers)
         self._fail(failed, tell_agent=False)
 
-    def _counted(self, key: str, frame: list[bytes | memoryview]) -> list[bytes | memoryview]:
+    def _missing_frames(self, keys: tuple[str, ...]) -> list[tuple[str, int, list[wire.Part]]]:
+        """The blobs of ``keys`` this node lacks (or got in an older generation), framed."""
+        missing = []
+        for key in keys:
+            generation = self.blobs.generation(key)
+            if self._sent_blobs.get(key) != generation:
+                missing.append((key, generation, self.blobs.frame(key)))
+        return missing
+
+    def _counted(self, key: str, frame: list[wire.Part]) -> list[wire.Part]:
         self.blobs_sent += 1
         self.blob_bytes_sent += sum(len(part) for part in frame)
         return frame

@@ -133,3 +133,26 @@ def test_a_task_whose_blob_cannot_be_produced_fails_clearly(
         with pytest.raises(sky.BlobUnavailableError, match=wire.BLOB_MEMORY_ENV):
             future.result(timeout=60)
         assert len(started) == 1  # it never ran again
+
+
+def _block(_: int) -> int:
+    return int(emit("hold", None))
+
+
+def test_an_argument_changed_before_its_task_was_sent_fails_that_task_clearly(
+    no_agents_left: None,
+) -> None:
+    release = threading.Event()
+    a = _array(4)
+    with sky.Compute(nodes=1, worker=sky.Worker(concurrency=1)) as compute:
+        compute.on_message("hold", lambda _: release.wait(60))
+        blocker = compute.submit(_block, 0)  # holds the only slot: the next task waits
+        pending = compute.submit(_total, a)
+        assert not pending.running()  # not sent yet: its frame is still views of `a`
+        a += 1  # changed in place, then submitted again: the first frame is stale
+        changed = compute.submit(_total, a)
+        release.set()
+        assert blocker.result(timeout=60) == 1
+        with pytest.raises(sky.BlobUnavailableError, match=r"changed in place.*a\.copy\(\)"):
+            pending.result(timeout=60)
+        assert changed.result(timeout=60) == _total(a)

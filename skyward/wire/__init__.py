@@ -55,6 +55,7 @@ from skyward.wire.frames import (
     read_frame,
 )
 from skyward.wire.hello import check_compatible, versions
+from skyward.wire.oob import Part
 from skyward.wire.payload import (
     ChunkRunner,
     LazyBlob,
@@ -93,6 +94,7 @@ __all__ = [
     "LazyBlob",
     "MissingBlobError",
     "Outbox",
+    "Part",
     "ProtocolError",
     "RemoteError",
     "Status",

@@ -151,6 +151,12 @@ class FunctionBlob:
 
 
 BLOB_MEMORY_ENV = "SKYWARD_CLIENT_BLOB_BYTES"
+_CHANGED = (
+    "a task's large argument (blob {key}) was changed in place after the task was submitted "
+    "and before all of it reached its node: large arguments are sent from their own memory, "
+    "not copied, so the content the task was given is gone. Pass a copy "
+    "(compute.submit(f, a.copy())) of an argument you change while its tasks are pending"
+)
 
 
 def blob_memory_limit() -> int:
@@ -192,6 +198,8 @@ class Blob:
     source: Callable[[], Any] | None = None
     pins: int = 0
     used: int = 0  # registry clock at the last pin or send: least recent is dropped first
+    generation: int = 0  # bumped when frames sent under this key may have carried other bytes
+    changed: bool = False  # its object changed in place while tasks still needed it
     dump: Callable[[Any], list[oob.Part]] | None = field(default=None, repr=False)
 
 
@@ -248,6 +256,7 @@ class BlobRegistry:
         self.max_bytes = blob_memory_limit() if max_bytes is None else max_bytes
         self._lock = threading.RLock()
         self._seen = _IdentityMemo()  # medium object -> content key when last sent ("": unhashed)
+        self._last = _IdentityMemo()  # object -> key of the frame last made from it
         self._blobs: dict[str, Blob] = {}
         self._dead: list[str] = []  # keys whose object was collected (tidied under the lock)
         self._released: list[tuple[str, ...]] = []  # keys of records collected unreleased
@@ -341,17 +350,40 @@ class BlobRegistry:
         except TypeError:
             source = None
         with self._lock:
+            self._changed_since(obj, key)
             blob = self._blobs.get(key)
             if blob is None:
                 blob = self._blobs[key] = Blob(key, sum(len(p) for p in parts))
             if source is not None or blob.source is None:
-                blob.source, blob.dump = source, rebuild
+                blob.source, blob.dump, blob.changed = source, rebuild, False
             if blob.frame is None:
                 blob.frame = oob.frame(key, parts)
                 self.held += blob.size
             self._clock += 1
             blob.used = self._clock
         return key
+
+    def _changed_since(self, obj: object, key: str) -> None:
+        """``obj`` now pickles to ``key``: if a pending task's frame was made from it with
+        other content, that frame (views of ``obj``'s memory) no longer holds what the task
+        was given. It is dropped, so the task fails clearly instead of computing on other
+        data, and nodes that got it may hold other bytes under its key: they get it again."""
+        previous = self._last.get(obj)
+        self._last.put(obj, key)
+        if previous is None or previous == key:
+            return
+        old = self._blobs.get(previous)
+        if old is None or old.pins <= 0 or old.source is None or old.source() is not obj:
+            return
+        self._drop_frame(old)
+        old.source, old.changed = None, True
+        old.generation += 1
+
+    def generation(self, key: str) -> int:
+        """Bumped when frames sent under ``key`` may have carried other bytes (see
+        :meth:`_changed_since`): a node that got an older generation gets it again."""
+        blob = self._blobs.get(key)
+        return 0 if blob is None else blob.generation
 
     def _has(self, key: str) -> bool:
         with self._lock:
@@ -446,20 +478,17 @@ class BlobRegistry:
             obj = blob.source() if blob is not None and blob.source is not None else None
             dump = blob.dump if blob is not None else None
         if blob is None or obj is None:
+            if blob is not None and blob.changed:
+                raise BlobUnavailableError(_CHANGED.format(key=key))
             raise BlobUnavailableError(
-                f"blob {key} is needed again (a node evicted it or was replaced) but the client "
-                "no longer holds it: its bytes were dropped to stay within "
+                f"a task's large argument (blob {key}) must be sent to a node (again), but the "
+                "client no longer holds it: its bytes were dropped to stay within "
                 f"{BLOB_MEMORY_ENV}={self.max_bytes} and the object it came from was freed. "
                 f"Raise {BLOB_MEMORY_ENV}, or keep the argument referenced until its tasks finish"
             )
         parts = dump(obj) if dump is not None else oob.dumps(obj)
         if oob.digest(parts) != key:
-            raise BlobUnavailableError(
-                f"blob {key} is needed again (a node evicted it or was replaced) but its object "
-                "was changed in place since the task was submitted, and the client no longer "
-                f"holds the bytes it had then. Raise {BLOB_MEMORY_ENV}, or do not change an "
-                "argument while tasks given it are running"
-            )
+            raise BlobUnavailableError(_CHANGED.format(key=key))
         with self._lock:
             self.rebuilt += 1
             built = oob.frame(key, parts)
@@ -479,6 +508,7 @@ class BlobRegistry:
         """Forget every blob."""
         with self._lock:
             self._seen.clear()
+            self._last.clear()
             self._inline.clear()
             self._blobs.clear()
             self.held = 0

@@ -88,7 +88,7 @@ def test_a_large_array_round_trips_byte_exact_on_an_ssh_node(
 ) -> None:
     # The test hosts' environments have no numpy: bytes take the same out-of-band path.
     rng = np.random.default_rng(3)
-    values = [rng.bytes(40 * MiB), bytearray(rng.bytes(12 * MiB))]
+    values = [rng.bytes(6 * MiB), bytearray(rng.bytes(3 * MiB))]
     sent = oob.frame("k", oob.dumps(values[0]))
     assert isinstance(sent[-1], memoryview) and len(sent[-1]) == len(values[0])  # not copied
     host = ssh_clean.specs()[0]

@@ -261,6 +261,7 @@ class BlobRegistry:
         self._dead: list[str] = []  # keys whose object was collected (tidied under the lock)
         self._released: list[tuple[str, ...]] = []  # keys of records collected unreleased
         self._inline = _IdentityMemo()  # functions that shared objects with a task's other parts
+        self._local = threading.local()
         self._clock = 0
         self.held = 0  # bytes of the frames held
         self.rebuilt = 0  # frames pickled again from their object after being dropped
@@ -278,7 +279,7 @@ class BlobRegistry:
             return self._medium(obj, self._seen.get(obj))
         scope = _open(scope)
         key: str | None = scope.objects.get(obj) if scope is not None else None
-        if key is None or not self._has(key):
+        if key is None or not self._hold((key,)):
             key = self._store(obj, oob.dumps(obj))
             if scope is not None:
                 scope.objects.put(obj, key, strong=True)
@@ -296,7 +297,7 @@ class BlobRegistry:
         """
         scope = _open(scope)
         blob: FunctionBlob | None = scope.functions.get(fn) if scope is not None else None
-        if blob is None or not self._has(blob.key):
+        if blob is None or not self._hold((*blob.keys, blob.key)):
             parts, memo, keys = dump(fn)
             key = self._store(fn, parts, rebuild=lambda f: dump(f)[0])
             blob = FunctionBlob(key, id(fn), memo, keys)
@@ -359,6 +360,8 @@ class BlobRegistry:
             if blob.frame is None:
                 blob.frame = oob.frame(key, parts)
                 self.held += blob.size
+            blob.pins += 1
+            self._held_here().append(key)
             self._clock += 1
             blob.used = self._clock
         return key
@@ -385,17 +388,37 @@ class BlobRegistry:
         blob = self._blobs.get(key)
         return 0 if blob is None else blob.generation
 
-    def _has(self, key: str) -> bool:
-        with self._lock:
-            blob = self._blobs.get(key)
-            return blob is not None and (blob.frame is not None or blob.source is not None)
-
     def _collected(self, key: str, ref: object) -> None:
         # Runs wherever the collector does, perhaps inside this registry's lock: only note it.
         self._dead.append(key)
 
+    def _held_here(self) -> list[str]:
+        """Keys this thread's task being pickled holds until :meth:`pin` or :meth:`abandon`."""
+        held: list[str] | None = getattr(self._local, "held", None)
+        if held is None:
+            held = self._local.held = []
+        return held
+
+    def _hold(self, keys: Iterable[str]) -> bool:
+        """Hold these known blobs for the task being pickled; False if one cannot be sent
+        any more (its frame and object are gone): then it must be pickled anew."""
+        with self._lock:
+            blobs = [self._blobs.get(key) for key in keys]
+            if any(b is None or (b.frame is None and b.source is None) for b in blobs):
+                return False
+            held = self._held_here()
+            for blob in blobs:
+                assert blob is not None
+                blob.pins += 1
+                held.append(blob.key)
+            return True
+
     def pin(self, keys: Iterable[str]) -> BlobKeys:
-        """The keys of a task about to be queued: their frames stay until it releases them."""
+        """The keys of a task about to be queued: their frames stay until it releases them.
+
+        Every blob touched while pickling the task was held meanwhile (another thread's
+        task finishing cannot drop it); those the task does not reference are let go.
+        """
         pinned = BlobKeys(keys)
         with self._lock:
             self._tidy()
@@ -404,43 +427,49 @@ class BlobRegistry:
                 blob.pins += 1
                 self._clock += 1
                 blob.used = self._clock
-            pinned._registry = self
+            if pinned:
+                pinned._registry = self
+            self.abandon()
             self._shrink()
         return pinned
+
+    def abandon(self) -> None:
+        """Let go of what this thread held for a task it will not queue (or just pinned)."""
+        with self._lock:
+            held = self._held_here()
+            for key in held:
+                self._unpin(key)
+            held.clear()
 
     def unpin(self, keys: Iterable[str]) -> None:
         """A task no longer needs these blobs; frames nothing needs are dropped."""
         with self._lock:
             for key in keys:
-                blob = self._blobs.get(key)
-                if blob is not None:
-                    blob.pins -= 1
-            self.trim()
-
-    def trim(self) -> None:
-        """Drop every frame no pending task needs, and the blobs nothing can rebuild."""
-        with self._lock:
-            for blob in list(self._blobs.values()):
-                if blob.pins <= 0:
-                    self._drop_frame(blob)
+                self._unpin(key)
             self._tidy()
 
+    def _unpin(self, key: str) -> None:
+        blob = self._blobs.get(key)
+        if blob is None:
+            return
+        blob.pins -= 1
+        if blob.pins <= 0:
+            self._drop_frame(blob)
+            if blob.source is None or blob.source() is None:
+                del self._blobs[key]
+
     def _tidy(self) -> None:
+        """Apply what the collector noted: records gone unreleased, objects freed."""
         while self._released:
             for key in self._released.pop():
-                blob = self._blobs.get(key)
-                if blob is not None:
-                    blob.pins -= 1
-                    if blob.pins <= 0:
-                        self._drop_frame(blob)
+                self._unpin(key)
         while self._dead:
-            key = self._dead.pop()
-            blob = self._blobs.get(key)
+            blob = self._blobs.get(self._dead.pop())
             if blob is not None and blob.source is not None and blob.source() is None:
                 blob.source = None
-        for key, blob in list(self._blobs.items()):
-            if blob.pins <= 0 and blob.frame is None and blob.source is None:
-                del self._blobs[key]
+                if blob.pins <= 0:
+                    self._drop_frame(blob)
+                    del self._blobs[blob.key]
 
     def _drop_frame(self, blob: Blob) -> None:
         if blob.frame is not None:

@@ -252,7 +252,7 @@ def dumps_task(
         if buffer.tell() >= BLOB_THRESHOLD:
             buffer, pickler = _pickle(_LargeTaskPickler, task, registry, scope, inline, functions)
     except Exception as exc:
-        registry.trim()
+        registry.abandon()
         name = getattr(fn, "__qualname__", repr(fn))
         raise UnpicklableTaskError(
             f"cannot send task {name} to the cluster: {type(exc).__name__}: {exc}. Tasks and "

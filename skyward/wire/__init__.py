@@ -4,7 +4,9 @@
   frames, their kinds, and :class:`Dispatch`, the table every frame reader uses.
 - :mod:`~skyward.wire.hello`: the versions exchanged in ``HELLO`` and their check.
 - :mod:`~skyward.wire.blobs`: large arguments and by-value functions as blobs, the
-  client's registry of them and the :class:`CallScope` that bounds identity.
+  client's registry of them, which holds their bytes only while tasks need them.
+- :mod:`~skyward.wire.scope`: the :class:`CallScope` that bounds when identity may
+  stand for content.
 - :mod:`~skyward.wire.oob`: a blob's bytes, its large buffers out of band, and the
   ``BLOB`` frame layout.
 - :mod:`~skyward.wire.payload`: tasks, results and errors pickled and unpickled.

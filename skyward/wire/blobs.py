@@ -9,15 +9,15 @@ an in-place change is seen. Medium arrays (above :data:`REUSE_THRESHOLD`) become
 blobs once the same object is sent again with unchanged content, so repeated ``y``
 and index arrays are not re-sent either.
 
-The scope lives here, beside the registry, because it is the registry's cache
-policy: what may be named by identity, and for how long.
+The scope (:mod:`skyward.wire.scope`) is the registry's cache policy: what may be
+named by identity, and for how long. Its memory policy is here: a blob's frame is
+held only while a pending task needs it, within :func:`blob_memory_limit`.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-import types
 import weakref
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
@@ -27,6 +27,7 @@ from typing import Any
 
 from skyward.errors import BlobUnavailableError
 from skyward.wire import oob
+from skyward.wire.scope import CallScope, FunctionBlob, IdentityMemo, open_scope
 
 BLOB_THRESHOLD = 1024 * 1024
 REUSE_THRESHOLD = 16 * 1024
@@ -50,104 +51,6 @@ def _nbytes(obj: object) -> int:
         data = getattr(obj, "data", None)
         return int(getattr(data, "nbytes", 0))
     return 0
-
-
-class _IdentityMemo:
-    """Values keyed by object identity, each valid only while its object lives.
-
-    An object that cannot be weakly referenced (``bytes``) is held when ``strong``,
-    else not remembered. A lost entry only costs a recomputation.
-    """
-
-    def __init__(self) -> None:
-        self._entries: dict[int, tuple[Any, bool, Any]] = {}
-
-    def get(self, obj: object) -> Any:
-        """The value remembered for this very object, or ``None``."""
-        entry = self._entries.get(id(obj))
-        if entry is None:
-            return None
-        ref, weak, value = entry
-        return value if (ref() if weak else ref) is obj else None
-
-    def put(self, obj: object, value: Any, strong: bool = False) -> None:
-        ident = id(obj)
-        entry: tuple[Any, bool, Any]
-        try:
-            entry = (weakref.ref(obj, partial(self._drop, ident)), True, value)
-        except TypeError:
-            if not strong:
-                return
-            entry = (obj, False, value)
-        self._entries[ident] = entry
-
-    def _drop(self, ident: int, ref: weakref.ref[Any]) -> None:
-        entry = self._entries.get(ident)
-        if entry is not None and entry[0] is ref:
-            self._entries.pop(ident, None)
-
-    def clear(self) -> None:
-        self._entries = {}
-
-
-class CallScope:
-    """One call (a ``Parallel`` call, a ``Compute.map``), during which identity names data.
-
-    Within a scope each large argument object and each function pickled by value is
-    pickled and hashed once: sent again during the call, it is named by identity,
-    without looking at its content (joblib's dask backend scopes its cache to a call
-    the same way). Outside any scope, and after :meth:`close`, content decides every
-    time, so an array changed in place between calls is always seen.
-    """
-
-    def __init__(self) -> None:
-        self.objects = _IdentityMemo()  # large argument -> blob key
-        self.functions = _IdentityMemo()  # function pickled by value -> FunctionBlob
-        self.closed = False
-
-    def close(self) -> None:
-        """End the call: forget every identity (later sends are matched by content)."""
-        self.closed = True
-        self.objects.clear()
-        self.functions.clear()
-
-    def __enter__(self) -> CallScope:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-
-def _open(scope: CallScope | None) -> CallScope | None:
-    """``scope`` while its call runs, else ``None`` (a closed scope names nothing)."""
-    return scope if scope is not None and not scope.closed else None
-
-
-@dataclass
-class FunctionBlob:
-    """A function pickled by value as a blob of its own, with its pickler's memo.
-
-    The memo (``id`` -> ``(index, object)``) holds every object of that pickle alive,
-    so that its ids can be compared with another pickle's (see :func:`dumps_task`).
-    """
-
-    key: str
-    owner: int  # id of the function
-    memo: dict[int, tuple[int, Any]]
-    keys: tuple[str, ...] = ()  # the blobs its pickle names (large globals), sent before it
-
-    @property
-    def function(self) -> Any:
-        """The function itself."""
-        return self.memo[self.owner][1]
-
-    def namespaces(self) -> set[int]:
-        """Ids of the module globals of the functions this pickle holds by value."""
-        return {
-            id(obj.__globals__)
-            for _, obj in self.memo.values()
-            if type(obj) is types.FunctionType and id(obj.__code__) in self.memo
-        }
 
 
 BLOB_MEMORY_ENV = "SKYWARD_CLIENT_BLOB_BYTES"
@@ -255,12 +158,12 @@ class BlobRegistry:
     def __init__(self, max_bytes: int | None = None) -> None:
         self.max_bytes = blob_memory_limit() if max_bytes is None else max_bytes
         self._lock = threading.RLock()
-        self._seen = _IdentityMemo()  # medium object -> content key when last sent ("": unhashed)
-        self._last = _IdentityMemo()  # object -> key of the frame last made from it
+        self._seen = IdentityMemo()  # medium object -> content key when last sent ("": unhashed)
+        self._last = IdentityMemo()  # object -> key of the frame last made from it
         self._blobs: dict[str, Blob] = {}
         self._dead: list[str] = []  # keys whose object was collected (tidied under the lock)
         self._released: list[tuple[str, ...]] = []  # keys of records collected unreleased
-        self._inline = _IdentityMemo()  # functions that shared objects with a task's other parts
+        self._inline = IdentityMemo()  # functions that shared objects with a task's other parts
         self._local = threading.local()
         self._clock = 0
         self.held = 0  # bytes of the frames held
@@ -277,7 +180,7 @@ class BlobRegistry:
             return None
         if size < BLOB_THRESHOLD:
             return self._medium(obj, self._seen.get(obj))
-        scope = _open(scope)
+        scope = open_scope(scope)
         key: str | None = scope.objects.get(obj) if scope is not None else None
         if key is None or not self._hold((key,)):
             key = self._store(obj, oob.dumps(obj))
@@ -295,7 +198,7 @@ class BlobRegistry:
 
         ``dump(fn)`` pickles it: ``(parts, pickler memo, keys of the blobs it names)``.
         """
-        scope = _open(scope)
+        scope = open_scope(scope)
         blob: FunctionBlob | None = scope.functions.get(fn) if scope is not None else None
         if blob is None or not self._hold((*blob.keys, blob.key)):
             parts, memo, keys = dump(fn)
@@ -521,7 +424,7 @@ class BlobRegistry:
         with self._lock:
             self.rebuilt += 1
             built = oob.frame(key, parts)
-            if blob.frame is None:
+            if blob.frame is None and blob.pins > 0 and self._blobs.get(key) is blob:
                 blob.frame = built
                 self.held += blob.size
             self._shrink()

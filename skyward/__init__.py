@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from skyward.compute import Compute
     from skyward.errors import (
+        BlobUnavailableError,
         ComputeStateError,
         NoWorkersError,
         PinConflictError,
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AWS",
     "SSH",
+    "BlobUnavailableError",
     "Compute",
     "ComputeStateError",
     "Image",
@@ -59,6 +61,7 @@ __all__ = [
 _LAZY = {
     "AWS": ("skyward.providers.aws", "AWS"),
     "SSH": ("skyward.providers.ssh", "SSH"),
+    "BlobUnavailableError": ("skyward.errors", "BlobUnavailableError"),
     "Compute": ("skyward.compute", "Compute"),
     "ComputeStateError": ("skyward.errors", "ComputeStateError"),
     "Image": ("skyward.spec", "Image"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "AWSCleanupError",
+    "BlobUnavailableError",
     "BootstrapError",
     "ComputeStateError",
     "CostLimitError",
@@ -88,3 +89,9 @@ class UnpicklableTaskError(TypeError):
 
 class MissingBlobError(LookupError):
     """A task references a blob the agent does not hold."""
+
+
+class BlobUnavailableError(RuntimeError):
+    """A task's large argument is needed again but the client can no longer produce it
+    (its bytes were dropped to stay within ``SKYWARD_CLIENT_BLOB_BYTES`` and the object
+    was freed or changed)."""

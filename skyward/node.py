@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 from skyward import wire
 from skyward.channel import Channel
-from skyward.errors import NodeStartError
+from skyward.errors import BlobUnavailableError, NodeStartError
 from skyward.waits import retries
-from skyward.wire import Kind
+from skyward.wire import Kind, Status
 
 if TYPE_CHECKING:
     from skyward.io import FrameSink
@@ -40,7 +40,7 @@ class Node:
         self.blob_bytes_sent = 0
         self.blob_requests = 0
         self.tasks_done = 0
-        self._sent_blobs: set[str] = set()
+        self._sent_blobs: dict[str, int] = {}  # key -> its generation when sent
         self._send_lock = threading.Lock()
         self.outbox: FrameSink = channel.open_writer(self._broken)
         self._scheduler: Scheduler | None = None
@@ -102,28 +102,74 @@ class Node:
     # --- sending --------------------------------------------------------------------------
 
     def send_tasks(self, records: list[TaskRecord]) -> None:
-        """Send tasks, each preceded by the blobs this node does not have yet."""
-        frames: list[bytes] = []
+        """Send tasks, each preceded by the blobs this node does not have yet.
+
+        One list of buffers goes to the writer: a blob's large buffers are the
+        argument's own memory, written as they are, never joined into one frame.
+        A task whose blob the client can no longer produce fails instead.
+        """
+        buffers: list[bytes | memoryview] = []
+        failed: list[tuple[TaskRecord, BaseException]] = []
+        sent: list[TaskRecord] = []
         with self._send_lock:
             for record in records:
-                for key in record.keys:
-                    if key not in self._sent_blobs:
-                        self._sent_blobs.add(key)
-                        frames.append(self._blob_frame(key))
-            frames.append(wire.encode_obj(Kind.TASK, [(r.id, r.keys, r.payload) for r in records]))
-            self.outbox.put(b"".join(frames))
+                if isinstance(record.keys, wire.BlobKeys):
+                    record.keys.watch(record.future)
+                try:
+                    frames = self._missing_frames(record.keys)
+                except BlobUnavailableError as exc:
+                    failed.append((record, exc))
+                    continue
+                for key, generation, frame in frames:
+                    if self._sent_blobs.get(key) != generation:
+                        self._sent_blobs[key] = generation
+                        buffers.extend(self._counted(key, frame))
+                sent.append(record)
+            if sent:
+                buffers.append(
+                    wire.encode_obj(Kind.TASK, [(r.id, tuple(r.keys), r.payload) for r in sent])
+                )
+            if buffers:
+                self.outbox.put(buffers)
+        self._fail(failed, tell_agent=False)
 
-    def _blob_frame(self, key: str) -> bytes:
-        blob = self.blobs.get(key)
+    def _missing_frames(self, keys: tuple[str, ...]) -> list[tuple[str, int, list[wire.Part]]]:
+        """The blobs of ``keys`` this node lacks (or got in an older generation), framed."""
+        missing = []
+        for key in keys:
+            generation = self.blobs.generation(key)
+            if self._sent_blobs.get(key) != generation:
+                missing.append((key, generation, self.blobs.frame(key)))
+        return missing
+
+    def _counted(self, key: str, frame: list[wire.Part]) -> list[wire.Part]:
         self.blobs_sent += 1
-        self.blob_bytes_sent += blob.size
-        return blob.frame
+        self.blob_bytes_sent += sum(len(part) for part in frame)
+        return frame
 
     def resend_blob(self, key: str) -> None:
-        """The agent evicted a blob a task needs: send it again."""
+        """The agent evicted a blob a task needs: send it again (or fail the tasks needing it)."""
         self.blob_requests += 1
+        try:
+            frame = self.blobs.frame(key)
+        except BlobUnavailableError as exc:
+            needing = [r for r in list(self.inflight.values()) if key in r.keys]
+            self._fail([(record, exc) for record in needing], tell_agent=True)
+            return
         with self._send_lock:
-            self.outbox.put(self._blob_frame(key))
+            self.outbox.put(self._counted(key, frame))
+
+    def _fail(self, failed: list[tuple[TaskRecord, BaseException]], tell_agent: bool) -> None:
+        """Settle tasks that cannot run, as if the agent had answered with the error; an agent
+        holding them parked is told to drop them."""
+        if not failed or self._scheduler is None:
+            return
+        if tell_agent:
+            self.cancel([record.id for record, _ in failed])
+        self._scheduler.on_results(
+            self,
+            [(r.id, int(Status.ERROR), wire.dumps_error(exc, "the client")) for r, exc in failed],
+        )
 
     def cancel(self, task_ids: list[int]) -> None:
         """Ask the agent to cancel tasks (queued ones are dropped, running ones stopped)."""

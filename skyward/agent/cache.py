@@ -7,6 +7,7 @@ from collections import OrderedDict
 from typing import Any
 
 from skyward import wire
+from skyward.wire import oob
 
 DEFAULT_CACHE_BYTES = 4 * 1024**3
 
@@ -16,7 +17,7 @@ class BlobCache:
 
     Thread mode keeps a :class:`~skyward.wire.LazyBlob`, unpickled by the first task
     that uses it (never here: ``put`` runs on the serve loop, which must go on
-    answering heartbeats); process mode keeps the raw bytes to forward to child slots.
+    answering heartbeats); process mode keeps the frame's body to forward to child slots.
     """
 
     def __init__(self, capacity: int, keep_bytes: bool) -> None:
@@ -29,20 +30,22 @@ class BlobCache:
         self.misses = 0
         self.received = 0
 
-    def put(self, key: str, data: bytes) -> Any:
-        """Hold blob ``key``; return its value (a lazy blob, or the bytes in process mode)."""
-        value: Any = data if self.keep_bytes else wire.LazyBlob(data)
+    def put(self, body: bytes) -> tuple[str, Any]:
+        """Hold the blob a ``BLOB`` frame's ``body`` carries; return its key and value (a
+        lazy blob over slices of ``body``, or ``body`` itself in process mode)."""
+        key, parts = oob.split(body)
+        value: Any = body if self.keep_bytes else wire.LazyBlob(parts)
         with self._lock:
             self.received += 1
             old = self._entries.pop(key, None)
             if old is not None:
                 self.size -= old[0]
-            self._entries[key] = (len(data), value)
-            self.size += len(data)
+            self._entries[key] = (len(body), value)
+            self.size += len(body)
             while self.size > self.capacity and len(self._entries) > 1:
                 _, (size, _) = self._entries.popitem(last=False)
                 self.size -= size
-        return value
+        return key, value
 
     def lookup(self, keys: tuple[str, ...]) -> tuple[dict[str, Any], list[str]]:
         """Return the held values for ``keys`` and the keys that are missing."""

@@ -174,8 +174,8 @@ class Agent:
             self.accept(task)
 
     def on_blob(self, body: bytes) -> None:
-        key, data = pickle.loads(body)
-        self.unpark(key, self.cache.put(key, data))
+        key, value = self.cache.put(body)
+        self.unpark(key, value)
         if self.slots is not None:
             self.slots.blob_arrived(key)
 

@@ -142,8 +142,8 @@ class Slot:
 
     def send_blobs(self, blobs: dict[str, Any], tail: bytes = b"", resend: bool = False) -> None:
         frames = [
-            wire.encode(Kind.BLOB, pickle.dumps((key, data), protocol=wire.PICKLE_PROTOCOL))
-            for key, data in blobs.items()
+            wire.encode(Kind.BLOB, body, compress=False)
+            for key, body in blobs.items()
             if resend or key not in self.sent
         ]
         self.sent.update(blobs)

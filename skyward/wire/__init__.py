@@ -4,7 +4,11 @@
   frames, their kinds, and :class:`Dispatch`, the table every frame reader uses.
 - :mod:`~skyward.wire.hello`: the versions exchanged in ``HELLO`` and their check.
 - :mod:`~skyward.wire.blobs`: large arguments and by-value functions as blobs, the
-  client's registry of them and the :class:`CallScope` that bounds identity.
+  client's registry of them, which holds their bytes only while tasks need them.
+- :mod:`~skyward.wire.scope`: the :class:`CallScope` that bounds when identity may
+  stand for content.
+- :mod:`~skyward.wire.oob`: a blob's bytes, its large buffers out of band, and the
+  ``BLOB`` frame layout.
 - :mod:`~skyward.wire.payload`: tasks, results and errors pickled and unpickled.
 
 The agent imports this package, so it depends only on the standard library,
@@ -14,6 +18,7 @@ cloudpickle, lz4 and :mod:`skyward.errors`. Its names are re-exported here.
 from __future__ import annotations
 
 from skyward.errors import (
+    BlobUnavailableError,
     MissingBlobError,
     ProtocolError,
     RemoteError,
@@ -21,12 +26,15 @@ from skyward.errors import (
     VersionMismatchError,
 )
 from skyward.wire.blobs import (
+    BLOB_MEMORY_ENV,
     BLOB_THRESHOLD,
     REUSE_THRESHOLD,
     Blob,
+    BlobKeys,
     BlobRegistry,
     CallScope,
     FunctionBlob,
+    blob_memory_limit,
 )
 from skyward.wire.frames import (
     COMPRESS_THRESHOLD,
@@ -49,6 +57,7 @@ from skyward.wire.frames import (
     read_frame,
 )
 from skyward.wire.hello import check_compatible, versions
+from skyward.wire.oob import Part
 from skyward.wire.payload import (
     ChunkRunner,
     LazyBlob,
@@ -62,6 +71,7 @@ from skyward.wire.payload import (
 )
 
 __all__ = [
+    "BLOB_MEMORY_ENV",
     "BLOB_THRESHOLD",
     "COMPRESS_THRESHOLD",
     "FLAG_LZ4",
@@ -73,7 +83,9 @@ __all__ = [
     "REUSE_THRESHOLD",
     "STOP",
     "Blob",
+    "BlobKeys",
     "BlobRegistry",
+    "BlobUnavailableError",
     "CallScope",
     "ChunkRunner",
     "Dispatch",
@@ -84,12 +96,14 @@ __all__ = [
     "LazyBlob",
     "MissingBlobError",
     "Outbox",
+    "Part",
     "ProtocolError",
     "RemoteError",
     "Status",
     "UnloadableBlob",
     "UnpicklableTaskError",
     "VersionMismatchError",
+    "blob_memory_limit",
     "check_compatible",
     "dumps_error",
     "dumps_result",

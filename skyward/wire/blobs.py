@@ -9,27 +9,25 @@ an in-place change is seen. Medium arrays (above :data:`REUSE_THRESHOLD`) become
 blobs once the same object is sent again with unchanged content, so repeated ``y``
 and index arrays are not re-sent either.
 
-The scope lives here, beside the registry, because it is the registry's cache
-policy: what may be named by identity, and for how long.
+The scope (:mod:`skyward.wire.scope`) is the registry's cache policy: what may be
+named by identity, and for how long. Its memory policy is here: a blob's frame is
+held only while a pending task needs it, within :func:`blob_memory_limit`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
-import pickle
+import os
 import threading
-import types
 import weakref
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-import cloudpickle
-import lz4.frame
-
-from skyward.wire.frames import HEADER, MAGIC, PICKLE_PROTOCOL, PROTOCOL, Kind, encode
+from skyward.errors import BlobUnavailableError
+from skyward.wire import oob
+from skyward.wire.scope import CallScope, FunctionBlob, IdentityMemo, open_scope
 
 BLOB_THRESHOLD = 1024 * 1024
 REUSE_THRESHOLD = 16 * 1024
@@ -55,142 +53,89 @@ def _nbytes(obj: object) -> int:
     return 0
 
 
-@dataclass
-class Blob:
-    """A serialized large object, identified by the hash of its bytes.
+BLOB_MEMORY_ENV = "SKYWARD_CLIENT_BLOB_BYTES"
+_CHANGED = (
+    "a task's large argument (blob {key}) was changed in place after the task was submitted "
+    "and before all of it reached its node: large arguments are sent from their own memory, "
+    "not copied, so the content the task was given is gone. Pass a copy "
+    "(compute.submit(f, a.copy())) of an argument you change while its tasks are pending"
+)
 
-    It is framed once, at creation, and the same frame goes to every node.
+
+def blob_memory_limit() -> int:
+    """The client's bound on blob bytes held for tasks (see :class:`BlobRegistry`).
+
+    ``SKYWARD_CLIENT_BLOB_BYTES`` when set, else a quarter of this machine's memory.
     """
-
-    key: str
-    size: int  # bytes of the serialized object
-    frame: bytes  # the BLOB frame carrying it
-
-    @classmethod
-    def of(cls, key: str, data: bytes) -> Blob:
-        """Frame ``data`` (the object serialized) as blob ``key``."""
-        if _compressible(data):
-            body = pickle.dumps((key, data), protocol=PICKLE_PROTOCOL)
-            return cls(key, len(data), encode(Kind.BLOB, body))
-        # Pickled straight behind the header: one copy of a large blob instead of two.
-        buffer = io.BytesIO()
-        buffer.write(bytes(HEADER.size))
-        pickle.dump((key, data), buffer, protocol=PICKLE_PROTOCOL)
-        with buffer.getbuffer() as view:
-            length = len(view) - HEADER.size
-            view[: HEADER.size] = HEADER.pack(MAGIC, PROTOCOL, Kind.BLOB, 0, length)
-        return cls(key, len(data), buffer.getvalue())
-
-
-def _compressible(data: bytes, sample: int = 64 * 1024) -> bool:
-    """Whether lz4 is worth trying on all of ``data``, judged on three samples of it.
-
-    Float features rarely compress; skipping the attempt saves ~1.5 ms per MB.
-    """
-    if len(data) <= 4 * sample:
-        return True
-    view = memoryview(data)
-    middle = len(data) // 2
-    parts = (view[:sample], view[middle : middle + sample], view[-sample:])
-    packed = sum(len(lz4.frame.compress(part, compression_level=0)) for part in parts)
-    return packed < 0.9 * len(parts) * sample
-
-
-class _IdentityMemo:
-    """Values keyed by object identity, each valid only while its object lives.
-
-    An object that cannot be weakly referenced (``bytes``) is held when ``strong``,
-    else not remembered. A lost entry only costs a recomputation.
-    """
-
-    def __init__(self) -> None:
-        self._entries: dict[int, tuple[Any, bool, Any]] = {}
-
-    def get(self, obj: object) -> Any:
-        """The value remembered for this very object, or ``None``."""
-        entry = self._entries.get(id(obj))
-        if entry is None:
-            return None
-        ref, weak, value = entry
-        return value if (ref() if weak else ref) is obj else None
-
-    def put(self, obj: object, value: Any, strong: bool = False) -> None:
-        ident = id(obj)
-        entry: tuple[Any, bool, Any]
+    configured = os.environ.get(BLOB_MEMORY_ENV)
+    if configured:
         try:
-            entry = (weakref.ref(obj, partial(self._drop, ident)), True, value)
-        except TypeError:
-            if not strong:
-                return
-            entry = (obj, False, value)
-        self._entries[ident] = entry
-
-    def _drop(self, ident: int, ref: weakref.ref[Any]) -> None:
-        entry = self._entries.get(ident)
-        if entry is not None and entry[0] is ref:
-            self._entries.pop(ident, None)
-
-    def clear(self) -> None:
-        self._entries = {}
-
-
-class CallScope:
-    """One call (a ``Parallel`` call, a ``Compute.map``), during which identity names data.
-
-    Within a scope each large argument object and each function pickled by value is
-    pickled and hashed once: sent again during the call, it is named by identity,
-    without looking at its content (joblib's dask backend scopes its cache to a call
-    the same way). Outside any scope, and after :meth:`close`, content decides every
-    time, so an array changed in place between calls is always seen.
-    """
-
-    def __init__(self) -> None:
-        self.objects = _IdentityMemo()  # large argument -> blob key
-        self.functions = _IdentityMemo()  # function pickled by value -> FunctionBlob
-        self.closed = False
-
-    def close(self) -> None:
-        """End the call: forget every identity (later sends are matched by content)."""
-        self.closed = True
-        self.objects.clear()
-        self.functions.clear()
-
-    def __enter__(self) -> CallScope:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+            value = int(configured)
+        except ValueError:
+            value = -1
+        if value < 0:
+            raise ValueError(
+                f"{BLOB_MEMORY_ENV}={configured!r} is not a number of bytes: set it to the "
+                "most memory the client may keep for large arguments (e.g. 4294967296) or unset it"
+            )
+        return value
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (AttributeError, OSError, ValueError):
+        return 4 << 30
 
 
-def _open(scope: CallScope | None) -> CallScope | None:
-    """``scope`` while its call runs, else ``None`` (a closed scope names nothing)."""
-    return scope if scope is not None and not scope.closed else None
+@dataclass(eq=False)
+class Blob:
+    """A large object as the registry knows it: its key, size, frame, and where it came from.
 
-
-@dataclass
-class FunctionBlob:
-    """A function pickled by value as a blob of its own, with its pickler's memo.
-
-    The memo (``id`` -> ``(index, object)``) holds every object of that pickle alive,
-    so that its ids can be compared with another pickle's (see :func:`dumps_task`).
+    ``frame`` (the ``BLOB`` frame as buffers, the object's own memory out of band) is
+    held only while tasks that need it are pending (``pins``); otherwise, or when
+    the registry is over its bound, it is dropped and rebuilt from ``source`` (a weak
+    reference to the object) if a node asks for it again.
     """
 
     key: str
-    owner: int  # id of the function
-    memo: dict[int, tuple[int, Any]]
+    size: int
+    frame: list[oob.Part] | None = None
+    source: Callable[[], Any] | None = None
+    pins: int = 0
+    used: int = 0  # registry clock at the last pin or send: least recent is dropped first
+    generation: int = 0  # bumped when frames sent under this key may have carried other bytes
+    changed: bool = False  # its object changed in place while tasks still needed it
+    dump: Callable[[Any], list[oob.Part]] | None = field(default=None, repr=False)
 
-    @property
-    def function(self) -> Any:
-        """The function itself."""
-        return self.memo[self.owner][1]
 
-    def namespaces(self) -> set[int]:
-        """Ids of the module globals of the functions this pickle holds by value."""
-        return {
-            id(obj.__globals__)
-            for _, obj in self.memo.values()
-            if type(obj) is types.FunctionType and id(obj.__code__) in self.memo
-        }
+class BlobKeys(tuple[str, ...]):
+    """The blob keys of one task, which keep those blobs' bytes available until released.
+
+    The scheduler's task record holds it; :meth:`watch` releases the blobs when the
+    task's future is done (or the record is gone, whichever comes first). It travels
+    as a plain tuple.
+    """
+
+    _registry: BlobRegistry | None = None
+
+    def watch(self, future: Future[Any]) -> None:
+        """Release the blobs once ``future`` is done (idempotent)."""
+        if self._registry is not None and not getattr(self, "_watched", False):
+            self._watched = True
+            future.add_done_callback(lambda _: self.release())
+
+    def release(self) -> None:
+        """No task needs these blobs through this record any more."""
+        registry, self._registry = self._registry, None
+        if registry is not None:
+            registry.unpin(self)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return tuple, (tuple(self),)
+
+    def __del__(self) -> None:
+        # The collector may run this inside the registry's lock: leave the work to it.
+        registry, self._registry = self._registry, None
+        if registry is not None:
+            registry._released.append(tuple(self))
 
 
 class BlobRegistry:
@@ -198,13 +143,31 @@ class BlobRegistry:
 
     Large objects are named by identity only within a :class:`CallScope`; medium
     ones are remembered by identity (weakly) only to notice that they are sent again.
+
+    Memory: a blob's frame (mostly views of the object's own memory) is kept while a
+    pending task needs it (:class:`BlobKeys`), and dropped when none does, so an
+    argument the caller dropped is freed. ``max_bytes`` (default
+    :func:`blob_memory_limit`) bounds the frames held: beyond it the least recently
+    used frames whose object is still alive are dropped, to be pickled again from
+    the object if a node asks; only frames that could not be rebuilt (a ``bytes``
+    argument) may keep the total above the bound. A node asking for a blob whose
+    bytes and object are both gone gets a :class:`~skyward.errors.BlobUnavailableError`
+    for its tasks.
     """
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._seen = _IdentityMemo()  # medium object -> content key when last sent ("": unhashed)
+    def __init__(self, max_bytes: int | None = None) -> None:
+        self.max_bytes = blob_memory_limit() if max_bytes is None else max_bytes
+        self._lock = threading.RLock()
+        self._seen = IdentityMemo()  # medium object -> content key when last sent ("": unhashed)
+        self._last = IdentityMemo()  # object -> key of the frame last made from it
         self._blobs: dict[str, Blob] = {}
-        self._inline = _IdentityMemo()  # functions that shared objects with a task's other parts
+        self._dead: list[str] = []  # keys whose object was collected (tidied under the lock)
+        self._released: list[tuple[str, ...]] = []  # keys of records collected unreleased
+        self._inline = IdentityMemo()  # functions that shared objects with a task's other parts
+        self._local = threading.local()
+        self._clock = 0
+        self.held = 0  # bytes of the frames held
+        self.rebuilt = 0  # frames pickled again from their object after being dropped
 
     def scope(self) -> CallScope:
         """Open the scope of one call; close it (or leave its ``with``) when the call ends."""
@@ -217,23 +180,30 @@ class BlobRegistry:
             return None
         if size < BLOB_THRESHOLD:
             return self._medium(obj, self._seen.get(obj))
-        scope = _open(scope)
+        scope = open_scope(scope)
         key: str | None = scope.objects.get(obj) if scope is not None else None
-        if key is None:
-            key = self._store(cloudpickle.dumps(obj, protocol=PICKLE_PROTOCOL))
+        if key is None or not self._hold((key,)):
+            key = self._store(obj, oob.dumps(obj))
             if scope is not None:
                 scope.objects.put(obj, key, strong=True)
         return key
 
-    def function_blob(self, fn: object, scope: CallScope | None = None) -> FunctionBlob:
-        """Pickle a by-value function as a blob (once per call within ``scope``)."""
-        scope = _open(scope)
+    def function_blob(
+        self,
+        fn: object,
+        scope: CallScope | None,
+        dump: Callable[[Any], tuple[list[oob.Part], dict[int, Any], tuple[str, ...]]],
+    ) -> FunctionBlob:
+        """Pickle a by-value function as a blob (once per call within ``scope``).
+
+        ``dump(fn)`` pickles it: ``(parts, pickler memo, keys of the blobs it names)``.
+        """
+        scope = open_scope(scope)
         blob: FunctionBlob | None = scope.functions.get(fn) if scope is not None else None
-        if blob is None:
-            buffer = io.BytesIO()
-            pickler = cloudpickle.Pickler(buffer, protocol=PICKLE_PROTOCOL)
-            pickler.dump(fn)
-            blob = FunctionBlob(self._store(buffer.getvalue()), id(fn), pickler.memo.copy())
+        if blob is None or not self._hold((*blob.keys, blob.key)):
+            parts, memo, keys = dump(fn)
+            key = self._store(fn, parts, rebuild=lambda f: dump(f)[0])
+            blob = FunctionBlob(key, id(fn), memo, keys)
             if scope is not None:
                 scope.functions.put(fn, blob)
         return blob
@@ -260,30 +230,217 @@ class BlobRegistry:
         if previous is None:
             self._seen.put(obj, "")
             return None
-        data = cloudpickle.dumps(obj, protocol=PICKLE_PROTOCOL)
-        key = hashlib.blake2b(data, digest_size=16).hexdigest()
+        parts = oob.dumps(obj)
+        key = oob.digest(parts)
         if key != previous:
             self._seen.put(obj, key)
             return None
-        return self._store(data, key)
+        return self._store(obj, parts, key)
 
-    def _store(self, data: bytes, key: str | None = None) -> str:
-        """Keep ``data`` under its content hash (``key`` when already computed); return it."""
+    # --- frames: held while needed, within the bound ------------------------------------
+
+    def _store(
+        self,
+        obj: object,
+        parts: list[oob.Part],
+        key: str | None = None,
+        rebuild: Callable[[Any], list[oob.Part]] | None = None,
+    ) -> str:
+        """Hold ``obj``'s frame (``parts`` pickled) under its content key; return the key."""
         if key is None:
-            key = hashlib.blake2b(data, digest_size=16).hexdigest()
-        if key not in self._blobs:
-            blob = Blob.of(key, data)
-            with self._lock:
-                self._blobs.setdefault(key, blob)
+            key = oob.digest(parts)
+        try:
+            source: Callable[[], Any] | None = weakref.ref(obj, partial(self._collected, key))
+        except TypeError:
+            source = None
+        with self._lock:
+            self._changed_since(obj, key)
+            blob = self._blobs.get(key)
+            if blob is None:
+                blob = self._blobs[key] = Blob(key, sum(len(p) for p in parts))
+            if source is not None or blob.source is None:
+                blob.source, blob.dump, blob.changed = source, rebuild, False
+            if blob.frame is None:
+                blob.frame = oob.frame(key, parts)
+                self.held += blob.size
+            blob.pins += 1
+            self._held_here().append(key)
+            self._clock += 1
+            blob.used = self._clock
         return key
 
-    def get(self, key: str) -> Blob:
-        """The blob for ``key`` (it stays available while this registry lives)."""
-        return self._blobs[key]
+    def _changed_since(self, obj: object, key: str) -> None:
+        """``obj`` now pickles to ``key``: if a pending task's frame was made from it with
+        other content, that frame (views of ``obj``'s memory) no longer holds what the task
+        was given. It is dropped, so the task fails clearly instead of computing on other
+        data, and nodes that got it may hold other bytes under its key: they get it again."""
+        previous = self._last.get(obj)
+        self._last.put(obj, key)
+        if previous is None or previous == key:
+            return
+        old = self._blobs.get(previous)
+        if old is None or old.pins <= 0 or old.source is None or old.source() is not obj:
+            return
+        self._drop_frame(old)
+        old.source, old.changed = None, True
+        old.generation += 1
+
+    def generation(self, key: str) -> int:
+        """Bumped when frames sent under ``key`` may have carried other bytes (see
+        :meth:`_changed_since`): a node that got an older generation gets it again."""
+        blob = self._blobs.get(key)
+        return 0 if blob is None else blob.generation
+
+    def _collected(self, key: str, ref: object) -> None:
+        # Runs wherever the collector does, perhaps inside this registry's lock: only note it.
+        self._dead.append(key)
+
+    def _held_here(self) -> list[str]:
+        """Keys this thread's task being pickled holds until :meth:`pin` or :meth:`abandon`."""
+        held: list[str] | None = getattr(self._local, "held", None)
+        if held is None:
+            held = self._local.held = []
+        return held
+
+    def _hold(self, keys: Iterable[str]) -> bool:
+        """Hold these known blobs for the task being pickled; False if one cannot be sent
+        any more (its frame and object are gone): then it must be pickled anew."""
+        with self._lock:
+            blobs = [self._blobs.get(key) for key in keys]
+            if any(b is None or (b.frame is None and b.source is None) for b in blobs):
+                return False
+            held = self._held_here()
+            for blob in blobs:
+                assert blob is not None
+                blob.pins += 1
+                held.append(blob.key)
+            return True
+
+    def pin(self, keys: Iterable[str]) -> BlobKeys:
+        """The keys of a task about to be queued: their frames stay until it releases them.
+
+        Every blob touched while pickling the task was held meanwhile (another thread's
+        task finishing cannot drop it); those the task does not reference are let go.
+        """
+        pinned = BlobKeys(keys)
+        with self._lock:
+            self._tidy()
+            for key in pinned:
+                blob = self._blobs[key]
+                blob.pins += 1
+                self._clock += 1
+                blob.used = self._clock
+            if pinned:
+                pinned._registry = self
+            self.abandon()
+            self._shrink()
+        return pinned
+
+    def abandon(self) -> None:
+        """Let go of what this thread held for a task it will not queue (or just pinned)."""
+        with self._lock:
+            held = self._held_here()
+            for key in held:
+                self._unpin(key)
+            held.clear()
+
+    def unpin(self, keys: Iterable[str]) -> None:
+        """A task no longer needs these blobs; frames nothing needs are dropped."""
+        with self._lock:
+            for key in keys:
+                self._unpin(key)
+            self._tidy()
+
+    def _unpin(self, key: str) -> None:
+        blob = self._blobs.get(key)
+        if blob is None:
+            return
+        blob.pins -= 1
+        if blob.pins <= 0:
+            self._drop_frame(blob)
+            if blob.source is None or blob.source() is None:
+                del self._blobs[key]
+
+    def _tidy(self) -> None:
+        """Apply what the collector noted: records gone unreleased, objects freed."""
+        while self._released:
+            for key in self._released.pop():
+                self._unpin(key)
+        while self._dead:
+            blob = self._blobs.get(self._dead.pop())
+            if blob is not None and blob.source is not None and blob.source() is None:
+                blob.source = None
+                if blob.pins <= 0:
+                    self._drop_frame(blob)
+                    del self._blobs[blob.key]
+
+    def _drop_frame(self, blob: Blob) -> None:
+        if blob.frame is not None:
+            blob.frame = None
+            self.held -= blob.size
+
+    def _shrink(self) -> None:
+        """Over the bound: drop the least recently used frames that can be rebuilt."""
+        if self.held <= self.max_bytes:
+            return
+        rebuildable = sorted(
+            (b for b in self._blobs.values() if b.frame is not None and b.source is not None),
+            key=lambda b: b.used,
+        )
+        for blob in rebuildable:
+            if self.held <= self.max_bytes:
+                break
+            if blob.source is not None and blob.source() is not None:
+                self._drop_frame(blob)
+
+    def frame(self, key: str) -> list[oob.Part]:
+        """The ``BLOB`` frame for ``key`` as buffers, pickled again from its object if dropped.
+
+        Raises :class:`~skyward.errors.BlobUnavailableError` when neither the bytes nor
+        the object remain, or the object changed since its tasks were submitted.
+        """
+        with self._lock:
+            self._tidy()
+            blob = self._blobs.get(key)
+            if blob is not None:
+                self._clock += 1
+                blob.used = self._clock
+                if blob.frame is not None:
+                    return blob.frame
+            obj = blob.source() if blob is not None and blob.source is not None else None
+            dump = blob.dump if blob is not None else None
+        if blob is None or obj is None:
+            if blob is not None and blob.changed:
+                raise BlobUnavailableError(_CHANGED.format(key=key))
+            raise BlobUnavailableError(
+                f"a task's large argument (blob {key}) must be sent to a node (again), but the "
+                "client no longer holds it: its bytes were dropped to stay within "
+                f"{BLOB_MEMORY_ENV}={self.max_bytes} and the object it came from was freed. "
+                f"Raise {BLOB_MEMORY_ENV}, or keep the argument referenced until its tasks finish"
+            )
+        parts = dump(obj) if dump is not None else oob.dumps(obj)
+        if oob.digest(parts) != key:
+            raise BlobUnavailableError(_CHANGED.format(key=key))
+        with self._lock:
+            self.rebuilt += 1
+            built = oob.frame(key, parts)
+            if blob.frame is None and blob.pins > 0 and self._blobs.get(key) is blob:
+                blob.frame = built
+                self.held += blob.size
+            self._shrink()
+            return built
+
+    def stats(self) -> dict[str, int]:
+        """Blob bytes held and blobs known (for tests and benchmarks)."""
+        with self._lock:
+            self._tidy()
+            return {"held_bytes": self.held, "blobs": len(self._blobs), "rebuilt": self.rebuilt}
 
     def clear(self) -> None:
         """Forget every blob."""
         with self._lock:
             self._seen.clear()
+            self._last.clear()
             self._inline.clear()
             self._blobs.clear()
+            self.held = 0

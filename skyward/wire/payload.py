@@ -25,8 +25,10 @@ from typing import IO, Any
 import cloudpickle
 
 from skyward.errors import MissingBlobError, RemoteError, UnpicklableTaskError
-from skyward.wire.blobs import BLOB_THRESHOLD, BlobRegistry, CallScope, FunctionBlob
+from skyward.wire import oob
+from skyward.wire.blobs import BLOB_THRESHOLD, BlobKeys, BlobRegistry, CallScope, FunctionBlob
 from skyward.wire.frames import PICKLE_PROTOCOL
+from skyward.wire.oob import Part
 
 
 def _by_value(obj: object) -> bool:
@@ -146,7 +148,10 @@ class _TaskPickler(cloudpickle.Pickler):
                 namespace = self._namespaces.setdefault(id(obj.__globals__), id(obj))
                 if namespace != id(obj) or self._registry.travels_inline(obj):
                     raise _Inline
-                blob = self.functions[id(obj)] = self._registry.function_blob(obj, self._scope)
+                blob = self.functions[id(obj)] = self._registry.function_blob(
+                    obj, self._scope, self._dump_function
+                )
+            self.keys.extend(blob.keys)
             self.keys.append(blob.key)
             return _blob, (blob.key,)
         key = self._registry.key_for(obj, self._scope)
@@ -155,18 +160,65 @@ class _TaskPickler(cloudpickle.Pickler):
         self.keys.append(key)
         return _blob, (key,)
 
+    def _dump_function(self, fn: object) -> tuple[list[Part], dict[int, Any], tuple[str, ...]]:
+        """Pickle a by-value function for its blob, its large globals as blobs of their own.
+
+        So a function reading a 200 MB global pickles small, and the global travels
+        (and is hashed, never trusted by identity outside a call) like an argument.
+        """
+        made: list[_FunctionPickler] = []
+
+        def pickler(file: io.BytesIO, buffer_callback: Callable[[Any], None]) -> Any:
+            made.append(_FunctionPickler(file, self._registry, self._scope, buffer_callback))
+            return made[0]
+
+        parts = oob.dumps(fn, pickler)
+        return parts, made[0].memo.copy(), tuple(dict.fromkeys(made[0].keys))
+
+
+class _FunctionPickler(cloudpickle.Pickler):
+    """cloudpickle for a function blob: large objects it reaches become blob references."""
+
+    def __init__(
+        self,
+        file: IO[bytes],
+        registry: BlobRegistry,
+        scope: CallScope | None,
+        buffer_callback: Callable[[Any], None],
+    ) -> None:
+        super().__init__(file, protocol=PICKLE_PROTOCOL, buffer_callback=buffer_callback)
+        self._registry = registry
+        self._scope = scope
+        self.keys: list[str] = []
+
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is not types.FunctionType:  # functions it reaches stay in its pickle
+            key = self._registry.key_for(obj, self._scope)
+            if key is not None:
+                self.keys.append(key)
+                return _blob, (key,)
+        return super().reducer_override(obj)
+
+    def persistent_id(self, obj: object) -> str | None:
+        return _bytes_blob(self, obj)
+
+
+def _bytes_blob(pickler: _TaskPickler | _FunctionPickler, obj: object) -> str | None:
+    """Large ``bytes`` as a blob reference (pickle's fast path skips ``reducer_override``)."""
+    if type(obj) not in (bytes, bytearray) or len(obj) < BLOB_THRESHOLD:  # type: ignore[arg-type]
+        return None
+    key = pickler._registry.key_for(obj, pickler._scope)
+    if key is not None:
+        pickler.keys.append(key)
+    return key
+
 
 class _LargeTaskPickler(_TaskPickler):
     """For payloads that came out large: also ``bytes``/``bytearray`` become blobs (pickle
     saves those through fast paths that ``reducer_override`` never sees)."""
 
     def persistent_id(self, obj: object) -> str | None:
-        if type(obj) not in (bytes, bytearray) or len(obj) < BLOB_THRESHOLD:  # type: ignore[arg-type]
-            return None
-        key = self._registry.key_for(obj, self._scope)
-        if key is not None:
-            self.keys.append(key)
-        return key
+        return _bytes_blob(self, obj)
 
 
 def dumps_task(
@@ -175,8 +227,10 @@ def dumps_task(
     kwargs: dict[str, Any],
     registry: BlobRegistry,
     scope: CallScope | None = None,
-) -> tuple[bytes, tuple[str, ...]]:
+) -> tuple[bytes, BlobKeys]:
     """Serialize a call; return the payload and the blob keys it references.
+
+    The keys hold their blobs' bytes until released (:class:`~skyward.wire.BlobKeys`).
 
     Functions pickled by value travel as blobs, sent to each node once. When one of
     them shares an object with the rest of the task (a closure over an argument, two
@@ -198,13 +252,14 @@ def dumps_task(
         if buffer.tell() >= BLOB_THRESHOLD:
             buffer, pickler = _pickle(_LargeTaskPickler, task, registry, scope, inline, functions)
     except Exception as exc:
+        registry.abandon()
         name = getattr(fn, "__qualname__", repr(fn))
         raise UnpicklableTaskError(
             f"cannot send task {name} to the cluster: {type(exc).__name__}: {exc}. Tasks and "
             "their arguments must be picklable by cloudpickle: avoid locks, open files, "
             "sockets and generators in arguments, or create them inside the task"
         ) from exc
-    return buffer.getvalue(), tuple(dict.fromkeys(pickler.keys))
+    return buffer.getvalue(), registry.pin(dict.fromkeys(pickler.keys))
 
 
 def _pickle(
@@ -235,16 +290,21 @@ _unpickling = threading.RLock()
 class UnloadableBlob:
     """A blob the agent could not unpickle on arrival; tasks using it retry and report why."""
 
-    data: bytes
+    parts: list[memoryview]
 
 
-def loads_blob(data: bytes) -> Any:
-    """Deserialize a blob; on failure keep its bytes so each task using it reports the error."""
+def _load(parts: list[memoryview]) -> Any:
+    return _TaskUnpickler(io.BytesIO(parts[0]), buffers=parts[1:]).load()
+
+
+def loads_blob(parts: list[memoryview]) -> Any:
+    """Deserialize a blob from its parts (see :func:`skyward.wire.oob.split`); on failure
+    keep them so each task using it reports the error."""
     try:
         with _unpickling:
-            return pickle.loads(data)
+            return _load(parts)
     except Exception:
-        return UnloadableBlob(data)
+        return UnloadableBlob(parts)
 
 
 class LazyBlob:
@@ -253,23 +313,24 @@ class LazyBlob:
     Never by the agent's serve loop: unpickling can import a heavy package for seconds
     (scikit-learn under load: more than ten), and the serve loop must go on answering
     heartbeats meanwhile or a healthy node is declared lost. Arrays come out read-only,
-    as loky's memmaps do.
+    as loky's memmaps do; their data stays in the frame's buffer (out-of-band buffers
+    are not copied).
     """
 
-    __slots__ = ("_data", "_value")
+    __slots__ = ("_parts", "_value")
 
-    def __init__(self, data: bytes) -> None:
-        self._data: bytes | None = data
+    def __init__(self, parts: list[memoryview]) -> None:
+        self._parts: list[memoryview] | None = parts
         self._value: Any = None
 
     def value(self) -> Any:
         """The blob's object, unpickled once (under the agent's one unpickler lock)."""
         with _unpickling:
-            if self._data is not None:
-                value = loads_blob(self._data)
+            if self._parts is not None:
+                value = loads_blob(self._parts)
                 if type(value).__name__ == "ndarray" and hasattr(value, "setflags"):
                     value.setflags(write=False)
-                self._value, self._data = value, None
+                self._value, self._parts = value, None
             return self._value
 
 
@@ -285,7 +346,7 @@ def _blob(key: str) -> Any:
     if isinstance(value, LazyBlob):
         value = value.value()
     if isinstance(value, UnloadableBlob):
-        return pickle.loads(value.data)
+        return _load(value.parts)
     return value
 
 

@@ -233,8 +233,6 @@ class EC2Launcher(Launcher):
         return successor
 
     def open(self) -> Channel:
-        from skyward.providers.ssh import HostLauncher
-
         with self._lock:
             if self._closed.is_set():
                 raise _ShuttingDown(f"{self.name}: the cluster is shutting down")
@@ -244,10 +242,23 @@ class EC2Launcher(Launcher):
             self._opened += 1
         if previous is not None:
             previous.close()
-        if self.address is None:
+        if self.address is not None:
+            return self._connect(self.deadline if first else time.monotonic() + _REOPEN_TIMEOUT)
+        try:
             self._launch()
+            return self._connect(self.deadline)
+        except BaseException:
+            # A replacement that did not come up is not left running (and billed) while
+            # the cluster goes on; opening it again would start another.
+            if self.instance_id is not None:
+                self.fleet.terminate(self.instance_id)
+            self.instance_id = self.address = self._host_key = None
+            raise
+
+    def _connect(self, deadline: float) -> Channel:
+        from skyward.providers.ssh import HostLauncher
+
         assert self.instance_id is not None and self.address is not None
-        deadline = self.deadline if first else time.monotonic() + _REOPEN_TIMEOUT
         self._wait_for_ssh(self.address, deadline)
         if self._host_key is None:
             api.say(f"{self.name}: reading its SSH host key from its console", self.fleet.progress)
@@ -292,18 +303,11 @@ class EC2Launcher(Launcher):
             self.predecessor = None
         self.deadline = time.monotonic() + self.fleet.start_timeout
         (instance_id,) = self.fleet.run(1, replacement=True)
-        try:
-            with self._lock:
-                self.instance_id = self.name = instance_id
-            api.say(
-                f"{instance_id}: started to replace {old.name if old else 'a node'}",
-                self.fleet.progress,
-            )
-            (instance,) = self.fleet.wait_running([instance_id], self.deadline, self._closed)
-            self.address = self.fleet.resolve_address(instance)
-        except BaseException:
-            self.fleet.terminate(instance_id)  # not left running while the cluster goes on
-            raise
+        with self._lock:
+            self.instance_id = self.name = instance_id
+        api.say(f"{instance_id}: started to replace a lost node", self.fleet.progress)
+        (instance,) = self.fleet.wait_running([instance_id], self.deadline, self._closed)
+        self.address = self.fleet.resolve_address(instance)
 
     def _wait_for_ssh(self, address: Address, deadline: float) -> None:
         host, port = address

@@ -1,5 +1,6 @@
 """A loopback instance metadata service (IMDSv2) announcing one spot interruption, as a
-pytest plugin: the ``metadata`` fixture (tests load it with ``pytest_plugins``).
+pytest plugin: the ``metadata`` fixture (tests load it with ``pytest_plugins``), and
+``by_value``, which ships the spot tests' tasks (``spot_tasks.py``) to remote hosts.
 
 It speaks the token ``PUT``, then ``/latest/meta-data/spot/instance-action``; local agents
 find it through ``SKYWARD_SPOT_ENDPOINT`` (set by the fixture), remote ones through their
@@ -15,7 +16,9 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import cloudpickle
 import pytest
+import spot_tasks
 
 from skyward.agent import spot
 
@@ -88,3 +91,13 @@ def metadata(monkeypatch: pytest.MonkeyPatch) -> Iterator[Metadata]:
         server.shutdown()
         server.server_close()
         thread.join(5)
+
+
+@pytest.fixture
+def by_value() -> Iterator[None]:
+    """Ship :mod:`spot_tasks` by value (remote hosts do not have it)."""
+    cloudpickle.register_pickle_by_value(spot_tasks)
+    try:
+        yield
+    finally:
+        cloudpickle.unregister_pickle_by_value(spot_tasks)

@@ -23,7 +23,6 @@ import sys
 import tempfile
 import textwrap
 import threading
-import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from conftest import need, wait_until
+from spot_tasks import at_once, held
 from sshd_hosts import SSHD, bootstrapped_agents, start_sshd, stop_sshd, write_keypair
 
 import skyward as sky
@@ -241,31 +241,12 @@ def test_lost_node_is_replaced_by_a_new_instance(
     assert "instance-hour(s) of c6a.large (1 replacement(s) included)" in summary[0], summary
 
 
-def held(args: tuple[int, str]) -> tuple[int, int]:
-    """Mark the start, then wait (bounded) until the test releases the tasks."""
-    i, folder = args
-    Path(folder, f"started-{i}").touch()
-    deadline = time.monotonic() + 60
-    while not Path(folder, "release").exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return i, os.getpid()
-
-
-def at_once(args: tuple[str, int]) -> int:
-    """Wait (bounded) until ``count`` tasks run at once; return this agent's pid."""
-    folder, count = args
-    Path(folder, f"{os.getpid()}-{threading.get_ident()}").touch()
-    deadline = time.monotonic() + 30
-    while len(os.listdir(folder)) < count and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return os.getpid()
-
-
 def test_reclaimed_spot_instance_is_replaced_by_a_new_instance(
     moto: Moto,
     provider: Callable[..., Any],
     image: sky.Image,
     metadata: Metadata,
+    by_value: None,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -182,3 +182,41 @@ def test_abort_ends_a_node_start_blocked_in_the_launcher(
         assert "the cluster is shutting down" in str(opening.error)
         assert launchers[0].name in str(opening.error)
     assert moto.leftovers(cluster.cluster_id) == []
+
+
+def test_cluster_end_waits_for_a_replacement_instance_being_started_then_removes_it(
+    moto: Moto, aws_provider: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The block ends while a replacement's RunInstances call is still in flight (held
+    on the moto server): the teardown waits for it, so the instance it starts is removed
+    with the rest rather than left running."""
+    from moto.ec2.responses.instances import InstanceResponse
+
+    original = InstanceResponse.run_instances
+    hold, entered, release = threading.Event(), threading.Event(), threading.Event()
+
+    def held_run_instances(self: Any) -> Any:
+        if hold.is_set():
+            entered.set()
+            release.wait(HANG_GUARD)
+        return original(self)
+
+    monkeypatch.setattr(InstanceResponse, "run_instances", held_run_instances)
+    cluster = spec(1)
+    stack = ExitStack()
+    try:
+        (lost,) = aws_provider(start_timeout=600).launch(cluster, stack)
+        hold.set()
+        successor = lost.replacement()
+        opening = Opening(successor.open)
+        assert entered.wait(HANG_GUARD)
+        closing = Opening(stack.close)
+        # Still waiting for the instance start in flight, however long we look.
+        assert not wait_until(lambda: not closing.thread.is_alive(), 1.0)
+    finally:
+        release.set()
+    assert closing.ended() and closing.error is None, closing.error
+    assert opening.ended() and isinstance(opening.error, RuntimeError), opening.error
+    every = {i["InstanceId"]: i["State"]["Name"] for i in moto.all_instances(cluster.cluster_id)}
+    assert len(every) == 2 and set(every.values()) == {"terminated"}, every
+    assert moto.leftovers(cluster.cluster_id) == []

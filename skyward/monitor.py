@@ -4,7 +4,8 @@ Several times per ``heartbeat_timeout`` the monitor sends every live node a
 heartbeat (the agent answers with its counters, and a silent client makes the
 agent exit); a node silent for longer than ``heartbeat_timeout`` is declared lost
 to the scheduler, which reruns its tasks elsewhere. A lost node is restarted
-through its launcher in the background, ``restarts`` times at most per node,
+in the background through its launcher's replacement (a new machine where the
+provider has one, e.g. a new EC2 instance), ``restarts`` times at most per node,
 while queued work waits for it.
 
 Nodes that join late (an elastic start: ``Compute(min_nodes=...)``) come in
@@ -38,7 +39,7 @@ class NodeMonitor:
         nodes: the cluster's live nodes; a restarted node replaces its predecessor
             in this list, a late one is appended.
         scheduler: told of lost and restarted nodes.
-        starter: opens the replacement of a lost node.
+        starter: opens the replacement of a lost node (:meth:`NodeStarter.replace`).
         heartbeat_timeout: seconds of silence after which a node is lost.
         restarts: times each node may be restarted.
     """
@@ -144,7 +145,7 @@ class NodeMonitor:
         new: Node | None = None
         try:
             if not self._closed:
-                new = self.starter.open(old.index)
+                new = self.starter.replace(old.index)
         except Exception as exc:  # noqa: BLE001 - the node stays down; the cluster goes on
             if not self._closed:
                 log.warning("could not restart %s: %s", old.name, exc)

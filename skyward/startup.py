@@ -151,6 +151,16 @@ class NodeStarter:
             self.ready += 1
         return node
 
+    def replace(self, index: int) -> Node:
+        """Start a replacement for lost node ``index``: through its launcher's
+        :meth:`~skyward.providers.Launcher.replacement` (a new machine where the
+        provider has one), which becomes node ``index``'s launcher, then as :meth:`open`."""
+        with self._lock:
+            if self._aborted:
+                raise NodeStartError(f"{self.launchers[index].name}: start aborted")
+            self.launchers[index] = self.launchers[index].replacement()
+        return self.open(index)
+
     def _start_and_greet(self, index: int, launcher: Launcher) -> Node:
         try:
             channel = launcher.open()

@@ -30,16 +30,19 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from conftest import need, wait_until
+from spot_tasks import at_once, held
 from sshd_hosts import SSHD, bootstrapped_agents, start_sshd, stop_sshd, write_keypair
 
 import skyward as sky
+from skyward.agent import spot
 from skyward.errors import HostKeyError
 from skyward.providers.aws.userdata import HOST_KEY_MARK, render_wrapper
 
 if TYPE_CHECKING:
     from moto_ec2 import Consoles, Moto
+    from spot_metadata import Metadata
 
-pytest_plugins = ["moto_ec2"]
+pytest_plugins = ["moto_ec2", "spot_metadata"]
 pytestmark = pytest.mark.timeout(180)
 
 # Three daemons of their own, each with its own host key, as a cluster's instances have.
@@ -205,20 +208,94 @@ def test_exception_in_the_block_removes_everything(
     assert moto.leftovers(cluster_id) == []
 
 
-def test_lost_node_is_restarted_on_its_instance(
-    moto: Moto, provider: Callable[..., Any], image: sky.Image
+def states(moto: Moto, cluster_id: str) -> dict[str, str]:
+    """Every instance of the cluster on moto (terminated ones too) -> its state."""
+    return {i["InstanceId"]: i["State"]["Name"] for i in moto.all_instances(cluster_id)}
+
+
+def test_lost_node_is_replaced_by_a_new_instance(
+    moto: Moto, provider: Callable[..., Any], image: sky.Image, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A killed agent: the node is reopened on the same (still running) instance."""
+    """A killed agent: the node's instance is terminated and a new one, pinned to its own
+    host key, takes its place; the cost counts both."""
+    caplog.set_level(logging.INFO, logger="skyward")
     with sky.Compute(provider=provider(), nodes=2, image=image) as compute:
         cluster_id = compute.cluster_id
-        old_pid = compute.nodes[0].pid
-        assert old_pid is not None
-        os.kill(old_pid, signal.SIGKILL)
-        assert wait_until(lambda: compute.nodes[0].alive and compute.nodes[0].pid != old_pid, 60)
+        lost = compute.nodes[0]
+        first = set(states(moto, cluster_id))
+        assert lost.pid is not None and lost.name in first
+        os.kill(lost.pid, signal.SIGKILL)
+        assert wait_until(lambda: compute.nodes[0] is not lost and compute.nodes[0].alive, 60)
+        replacement = compute.nodes[0].name
+        assert replacement not in first
+        assert states(moto, cluster_id) == {
+            lost.name: "terminated",
+            compute.nodes[1].name: "running",
+            replacement: "running",
+        }
         assert compute.total_slots == 2
-        assert len(moto.live_instances(cluster_id)) == 2
         assert set(compute.map(lambda _: served_by(), range(20))) <= set(ADDRESSES[:2])
     assert moto.leftovers(cluster_id) == []
+    assert set(states(moto, cluster_id).values()) == {"terminated"}
+    summary = [m for m in caplog.messages if m.startswith(f"cluster {cluster_id} summary:")]
+    assert "instance-hour(s) of c6a.large (1 replacement(s) included)" in summary[0], summary
+
+
+def test_reclaimed_spot_instance_is_replaced_by_a_new_instance(
+    moto: Moto,
+    provider: Callable[..., Any],
+    image: sky.Image,
+    metadata: Metadata,
+    by_value: None,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Spot instances on moto; the agents poll a loopback metadata service, which
+    announces one interruption. The reclaimed node is let go (its tasks rerun), its
+    instance terminated, and a new instance joins and takes work."""
+    caplog.set_level(logging.INFO, logger="skyward")
+    metadata.window = 1.0  # out of time at once: the held tasks rerun elsewhere
+    aws = provider(spot=True, spot_endpoint=metadata.url)
+    quick = sky.Image(pip=image.pip, wheelhouse=image.wheelhouse, env={spot.INTERVAL_ENV: "0.2"})
+    folder = str(tmp_path)
+    with sky.Compute(
+        provider=aws, nodes=2, worker=sky.Worker(2), restarts=1, image=quick
+    ) as compute:
+        cluster_id = compute.cluster_id
+        first = states(moto, cluster_id)
+        assert len(first) == 2 and set(first.values()) == {"running"}
+        described = moto.all_instances(cluster_id)
+        assert {i.get("InstanceLifecycle") for i in described} == {"spot"}
+        futures = [compute.submit(held, (i, folder)) for i in range(8)]
+        assert wait_until(lambda: len(list(tmp_path.glob("started-*"))) >= 4, 30)
+        metadata.armed.set()
+        assert wait_until(lambda: compute.stats()["reclaims"] == 1, 30)
+        assert compute._monitor is not None
+        (reclaimed,) = [n.name for n in compute._monitor.reclaimed]
+        assert reclaimed in first
+
+        def replaced() -> bool:
+            live = {n.name for n in compute.nodes if n.alive}
+            return compute.total_slots == 4 and len(live - set(first)) == 1
+
+        assert wait_until(replaced, 90), compute
+        (new,) = {n for n in compute.nodes if n.alive and n.name not in first}
+        now = states(moto, cluster_id)
+        assert now[reclaimed] == "terminated" and now[new.name] == "running"
+        assert len(now) == 3 and [s for s in now.values() if s == "running"] == ["running"] * 2
+        (Path(folder) / "release").touch()
+        results = [f.result(60) for f in futures]
+        assert sorted(i for i, _ in results) == list(range(8))
+        # The replacement takes work: four slots busy at once, its two among them.
+        four = tmp_path / "four"
+        four.mkdir()
+        ran = {f.result(40) for f in [compute.submit(at_once, (str(four), 4)) for _ in range(4)]}
+        assert new.pid in ran
+        assert compute.stats()["tasks"]["completed"] == 8 + 4  # each result once
+    assert moto.leftovers(cluster_id) == []
+    assert set(states(moto, cluster_id).values()) == {"terminated"}
+    (summary,) = [m for m in caplog.messages if m.startswith(f"cluster {cluster_id} summary:")]
+    assert "1 spot reclaim(s)" in summary and "(1 replacement(s) included)" in summary
 
 
 def test_each_instance_is_pinned_to_its_own_host_key_read_from_its_console(

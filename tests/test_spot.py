@@ -1,120 +1,32 @@
 """Spot reclaims: an agent whose metadata service announces an interruption gets no new
 work, its tasks finish or rerun elsewhere, and a replacement joins (issue 16).
 
-The metadata service is a tiny HTTP server on loopback speaking IMDSv2 (token, then
-``/latest/meta-data/spot/instance-action``); local agents find it through
-``SKYWARD_SPOT_ENDPOINT`` (``sky.AWS(spot=True)`` sets the real one in their HELLO).
+The metadata service is a tiny HTTP server on loopback speaking IMDSv2 (``Metadata`` in
+``spot_metadata.py``); local agents find it through ``SKYWARD_SPOT_ENDPOINT``
+(``sky.AWS(spot=True)`` sets the real one in their HELLO). On AWS the replacement is a
+new instance: ``test_aws_e2e.py``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import threading
 import time
-from collections.abc import Iterator
-from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from conftest import wait_until
+from spot_tasks import at_once, held
 
 import skyward as sky
 from skyward.agent import spot
 
+if TYPE_CHECKING:
+    from spot_metadata import Metadata
+
+pytest_plugins = ["spot_metadata"]
 pytestmark = pytest.mark.timeout(120)
-
-
-class Metadata(ThreadingHTTPServer):
-    """Announces one interruption (to the first agent that asks once armed), then none."""
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), MetadataHandler)
-        self.armed = threading.Event()
-        self.window = 0.0  # seconds the notice leaves beyond spot.MARGIN
-        self.announced = 0
-        self.lock = threading.Lock()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
-class MetadataHandler(BaseHTTPRequestHandler):
-    server: Metadata
-
-    def do_PUT(self) -> None:  # noqa: N802 - http.server's naming
-        if self.path != "/latest/api/token" or not self.headers.get(
-            "X-aws-ec2-metadata-token-ttl-seconds"
-        ):
-            self._send(400, b"bad token request")
-        else:
-            self._send(200, b"test-token")
-
-    def do_GET(self) -> None:  # noqa: N802
-        if self.headers.get("X-aws-ec2-metadata-token") != "test-token":
-            self._send(401, b"")
-            return
-        if self.path != "/latest/meta-data/spot/instance-action":
-            self._send(404, b"")
-            return
-        with self.server.lock:
-            announce = self.server.armed.is_set() and not self.server.announced
-            if announce:
-                self.server.announced += 1
-        if not announce:
-            self._send(404, b"")
-            return
-        when = datetime.fromtimestamp(
-            time.time() + spot.MARGIN + self.server.window, tz=timezone.utc
-        ).strftime("%Y-%m-%dT%H:%M:%SZ")
-        self._send(200, json.dumps({"action": "terminate", "time": when}).encode())
-
-    def _send(self, code: int, body: bytes) -> None:
-        self.send_response(code)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def metadata(monkeypatch: pytest.MonkeyPatch) -> Iterator[Metadata]:
-    server = Metadata()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    monkeypatch.setenv(spot.ENDPOINT_ENV, server.url)
-    monkeypatch.setenv(spot.INTERVAL_ENV, "0.2")
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
-
-
-def held(args: tuple[int, str]) -> tuple[int, int]:
-    """Mark the start, then wait (bounded) until the test releases the tasks."""
-    i, folder = args
-    Path(folder, f"started-{i}").touch()
-    deadline = time.monotonic() + 60
-    while not Path(folder, "release").exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return i, os.getpid()
-
-
-def at_once(args: tuple[str, int]) -> int:
-    """Wait (bounded) until ``count`` tasks run at once; return this process's pid."""
-    folder, count = args
-    Path(folder, f"{os.getpid()}-{threading.get_ident()}").touch()
-    deadline = time.monotonic() + 30
-    while len(os.listdir(folder)) < count and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return os.getpid()
 
 
 def pid(_: int) -> int:

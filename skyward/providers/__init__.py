@@ -44,6 +44,17 @@ class Launcher(ABC):
         whose ``open`` returns quickly need nothing here.
         """
 
+    def replacement(self) -> Launcher:
+        """The launcher of this node's replacement, once the node was lost (or reclaimed).
+
+        The default opens this launcher again (a new agent on the same machine). A
+        provider whose machines can be replaced returns a launcher for a new one, whose
+        :meth:`open` gives up this one's machine and starts the new one (``sky.AWS``: a
+        new instance). Must return quickly: the slow work belongs in ``open``, where
+        :meth:`abort` can end it.
+        """
+        return self
+
 
 class Provider(ABC):
     """Where nodes come from."""

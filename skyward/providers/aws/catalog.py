@@ -246,15 +246,40 @@ def estimate_cost(ec2: Any, instance_type: str, nodes: int, spot: bool = False) 
 
 @dataclass
 class RunCost:
-    """What a running cluster has used since its instances were started."""
+    """What a running cluster's instances have used, replacements included.
+
+    Each instance counts from its launch to its termination (or now); EC2 bills per
+    second, at least 60 s per instance, so a replacement adds at least a minute.
+    """
 
     estimate: CostEstimate
-    started: float = field(default_factory=time.monotonic)
+    # Instance id -> (launched, terminated or None), as time.monotonic() values.
+    spans: dict[str, tuple[float, float | None]] = field(default_factory=dict)
+    replacements: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def launched(self, ids: list[str], replacement: bool = False) -> None:
+        """Count ``ids`` from now (``replacement``: instances started for lost nodes)."""
+        now = time.monotonic()
+        with self._lock:
+            for instance_id in ids:
+                self.spans.setdefault(instance_id, (now, None))
+            if replacement:
+                self.replacements += len(ids)
+
+    def terminated(self, instance_id: str) -> None:
+        """Stop counting ``instance_id`` (terminated before the cluster's end)."""
+        with self._lock:
+            start, end = self.spans.get(instance_id, (None, None))
+            if start is not None and end is None:
+                self.spans[instance_id] = (start, time.monotonic())
 
     def instance_hours(self, now: float | None = None) -> float:
-        """Instances x hours since the start (EC2 bills per second, at least 60 s each)."""
-        elapsed = max(0.0, (time.monotonic() if now is None else now) - self.started)
-        return self.estimate.nodes * max(elapsed, 60.0) / 3600
+        """Hours summed over the instances, each at least 60 s."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            spans = list(self.spans.values())
+        return sum(max(60.0, (now if end is None else end) - start) for start, end in spans) / 3600
 
     def __str__(self) -> str:
         hours = self.instance_hours()
@@ -264,4 +289,5 @@ class RunCost:
             if self.estimate.per_instance is not None
             else f"cost unknown (no price for {self.estimate.instance_type})"
         )
-        return f"{hours:.3g} instance-hour(s) of {self.estimate.instance_type}, {cost}"
+        extra = f" ({self.replacements} replacement(s) included)" if self.replacements else ""
+        return f"{hours:.3g} instance-hour(s) of {self.estimate.instance_type}{extra}, {cost}"

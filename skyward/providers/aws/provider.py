@@ -6,19 +6,13 @@ from __future__ import annotations
 import functools
 import ipaddress
 import os
-import secrets
-import socket
-import threading
 import time
 import urllib.request
-from collections import Counter
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from skyward.agent import spot
-from skyward.channel import Channel
-from skyward.errors import NodeStartError
 from skyward.providers import ClusterSpec, Launcher, Provider
 from skyward.providers.aws import ec2 as api
 from skyward.providers.aws.catalog import (
@@ -31,19 +25,12 @@ from skyward.providers.aws.catalog import (
     pick_instance_type,
     resolve_ami,
 )
-from skyward.providers.aws.keys import Address, KeyPair, console_host_key, pinned_host_keys
+from skyward.providers.aws.fleet import AddressResolver, Fleet
+from skyward.providers.aws.keys import Address, KeyPair
 from skyward.providers.aws.teardown import ClusterResources, remove_cluster
-from skyward.providers.aws.userdata import REMOTE_PYTHON, SETUP_PENDING, render_user_data
-from skyward.waits import retries
-
-if TYPE_CHECKING:
-    import paramiko
-
-    from skyward.providers.ssh import HostLauncher
+from skyward.providers.aws.userdata import REMOTE_PYTHON, render_user_data
 
 __all__ = ["AWS", "checkip", "public_address"]
-
-AddressResolver = Callable[[Mapping[str, Any]], Address]
 
 
 def checkip(timeout: float = 10.0) -> str:
@@ -104,7 +91,13 @@ class AWS(Provider):
             not given (default :func:`checkip`).
         max_hourly_cost: refuse, before creating anything, a cluster whose estimated cost
             (USD per hour, see :class:`~skyward.providers.aws.catalog.CostEstimate`) is
-            above this.
+            above this. A node's replacement keeps the node count, so it is not refused.
+        spot_endpoint: advanced/tests: the metadata service spot agents poll for the
+            interruption notice (default: the instance's own, ``http://169.254.169.254``).
+
+    A lost node (silent, its agent gone, or its spot instance reclaimed) is replaced
+    within ``Compute(restarts=...)`` by a new instance of the same spec: its own
+    instance is terminated first, and the new one counts in the cost from its start.
     """
 
     def __init__(
@@ -133,6 +126,7 @@ class AWS(Provider):
         ssh_key: str | os.PathLike[str] | None = None,
         public_ip_lookup: Callable[[], str] = checkip,
         max_hourly_cost: float | None = None,
+        spot_endpoint: str = spot.IMDS,
     ) -> None:
         api.boto3_module()
         if arch not in ARCHITECTURES:
@@ -178,6 +172,7 @@ class AWS(Provider):
         self.ssh_key = KeyPair.load(ssh_key) if ssh_key is not None else None
         self.public_ip_lookup = public_ip_lookup
         self.max_hourly_cost = max_hourly_cost
+        self.spot_endpoint = spot_endpoint
         self._runs: dict[str, RunCost] = {}
 
     def __repr__(self) -> str:
@@ -256,8 +251,6 @@ class AWS(Provider):
         run_args: dict[str, Any] = {
             "ImageId": ami,
             "InstanceType": instance_type,
-            "MinCount": spec.nodes,
-            "MaxCount": spec.nodes,
             "KeyName": name,
             "UserData": render_user_data(
                 spec.image.python, self.idle_shutdown_minutes, self.max_lifetime_hours, self.user
@@ -267,8 +260,6 @@ class AWS(Provider):
                 "HttpTokens": "required", "HttpEndpoint": "enabled", "HttpPutResponseHopLimit": 1,
             },
             "TagSpecifications": api.tags("instance", cluster_id) + api.tags("volume", cluster_id),
-            # Idempotent: a retried request (lost reply) cannot start a second set.
-            "ClientToken": f"skyward-{cluster_id}-{secrets.token_hex(8)}",
         }  # fmt: skip
         if self.subnet_id is not None:
             run_args["NetworkInterfaces"] = [{
@@ -284,48 +275,29 @@ class AWS(Provider):
                     "SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate",
                 },
             }  # fmt: skip
-        try:
-            reply = ec2.run_instances(**run_args)
-        except Exception as exc:
-            code = api.error_code(exc)
-            if not code:
-                raise
-            raise RuntimeError(
-                f"EC2 did not start {spec.nodes} x {instance_type} from {ami}: {exc}"
-                f"{_RUN_HINTS.get(code, '')}; the cluster is being removed"
-            ) from exc
-        created.instance_ids.extend(i["InstanceId"] for i in reply["Instances"])
-        self._runs[cluster_id] = RunCost(cost)
+        host_options: dict[str, Any] = {
+            "username": self.user,
+            "image": spec.image,
+            "pkey": login.pkey,
+            "python": self.python,
+        }
+        if self.env_root is not None:
+            host_options["env_root"] = self.env_root
+        # A replacement keeps the node count, so the estimate above still holds for it;
+        # its own instance-hours are added to the cost as it runs.
+        fleet = Fleet(
+            ec2, cluster_id, run_args, created, RunCost(cost), self.resolve_address,
+            host_options, self.start_timeout, self.poll_interval, self.progress,
+        )  # fmt: skip
+        ids = fleet.run(spec.nodes)
+        self._runs[cluster_id] = fleet.cost
         cleanup.callback(self._end_run, cluster_id)  # runs before the teardown
-
-        instances = self._wait_running(ec2, created.instance_ids, deadline)
-        launchers: list[Launcher] = []
-        for instance in instances:
-            address = self.resolve_address(instance)
-            host_options: dict[str, Any] = {
-                "username": self.user,
-                "image": spec.image,
-                "pkey": login.pkey,
-                "python": self.python,
-            }
-            if self.env_root is not None:
-                host_options["env_root"] = self.env_root
-            launcher = _EC2Launcher(
-                ec2,
-                instance["InstanceId"],
-                address,
-                deadline,
-                self.poll_interval,
-                self.progress,
-                host_options,
-            )
-            cleanup.callback(launcher.close)
-            launchers.append(launcher)
-        return launchers
+        cleanup.callback(fleet.close)  # and this before both
+        return [fleet.launcher(i, deadline) for i in fleet.wait_running(ids, deadline)]
 
     def agent_config(self) -> dict[str, Any]:
         """Spot instances: the agents watch the metadata service for the reclaim notice."""
-        return {"spot_endpoint": spot.IMDS} if self.spot else {}
+        return {"spot_endpoint": self.spot_endpoint} if self.spot else {}
 
     def summary(self, cluster_id: str) -> str | None:
         """Instance-hours and estimated cost of the cluster so far (for the exit summary)."""
@@ -337,50 +309,6 @@ class AWS(Provider):
         if run is not None:
             api.say(f"cluster {cluster_id}: {run}", self.progress)
 
-    def _wait_running(self, ec2: Any, ids: list[str], deadline: float) -> list[dict[str, Any]]:
-        started = time.monotonic()
-        shown: dict[str, int] | None = None
-        states: dict[str, str] = {}
-        for _ in retries(deadline, self.poll_interval):
-            found = {i["InstanceId"]: i for i in api.describe_instances(ec2, InstanceIds=ids)}
-            states = {i: found[i]["State"]["Name"] if i in found else "requested" for i in ids}
-            for instance_id, state in states.items():
-                if state in ("shutting-down", "terminated", "stopping", "stopped"):
-                    reason = found[instance_id].get("StateReason", {}).get("Message", "")
-                    raise RuntimeError(
-                        f"EC2 instance {instance_id} went {state} while starting"
-                        f"{f' ({reason})' if reason else ''}; the cluster is being removed"
-                    )
-            counts = dict(Counter(states.values()))
-            if counts != shown:
-                summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-                api.say(
-                    f"waiting for {len(ids)} instance(s): {summary} "
-                    f"({time.monotonic() - started:.0f}s)",
-                    self.progress,
-                )
-                shown = counts
-            if all(s == "running" for s in states.values()):
-                return sorted((found[i] for i in ids), key=lambda i: i.get("AmiLaunchIndex", 0))
-        pending = sorted(i for i, s in states.items() if s != "running")
-        raise TimeoutError(
-            f"EC2 instances still not running after {self.start_timeout:.0f}s "
-            f"({', '.join(f'{i}: {states[i]}' for i in pending)}); the cluster is "
-            "being removed. Raise sky.AWS(start_timeout=...) or check the EC2 console"
-        )
-
-
-_RUN_HINTS = {
-    "VcpuLimitExceeded": ". Request a higher EC2 vCPU quota (Service Quotas) or use fewer or "
-    "smaller nodes",
-    "InstanceLimitExceeded": ". Request a higher EC2 instance quota or use fewer nodes",
-    "InsufficientInstanceCapacity": ". AWS has no capacity for this type right now: try "
-    "another instance_type, subnet_id or region, or later",
-    "UnauthorizedOperation": ". The credentials lack a permission: see the IAM policy in "
-    "Skyward's AWS docs",
-    "InvalidAMIID.NotFound": ". Check sky.AWS(ami=...) and the region",
-}
-
 
 def _ssh_rule(cidr: str) -> dict[str, Any]:
     network = ipaddress.ip_network(cidr, strict=False)
@@ -390,101 +318,3 @@ def _ssh_rule(cidr: str) -> dict[str, Any]:
     else:
         rule["IpRanges"] = [{"CidrIp": str(network), "Description": "skyward client"}]
     return rule
-
-
-_REOPEN_TIMEOUT = 120.0  # seconds for a restarted node to reach its (running) instance again
-
-
-class _EC2Launcher(Launcher):
-    """Wait for one instance's SSH port and its host key on its console, then open it like
-    any SSH host, with only that key trusted.
-
-    While the instance's user data is still installing Python, the interpreter wrapper
-    answers :data:`SETUP_PENDING`; the launcher retries until the start deadline.
-    """
-
-    def __init__(
-        self,
-        ec2: Any,
-        name: str,
-        address: Address,
-        deadline: float,
-        poll: float,
-        progress: bool,
-        host_options: dict[str, Any],
-    ) -> None:
-        self.ec2 = ec2
-        self.name = name
-        self.address = address
-        self.deadline = deadline
-        self.poll = poll
-        self.progress = progress
-        self.host_options = host_options
-        self._host: HostLauncher | None = None
-        self._host_key: paramiko.PKey | None = None
-        self._opened = 0
-        self._lock = threading.Lock()
-        self._closed = threading.Event()
-
-    def open(self) -> Channel:
-        from skyward.providers.ssh import HostLauncher
-
-        with self._lock:
-            # A restart of a lost node opens again: drop the old connection, allow new time.
-            previous, self._host = self._host, None
-            first = self._opened == 0
-            self._opened += 1
-        if previous is not None:
-            previous.close()
-        deadline = self.deadline if first else time.monotonic() + _REOPEN_TIMEOUT
-        self._wait_for_ssh(deadline)
-        if self._host_key is None:
-            api.say(f"{self.name}: reading its SSH host key from its console", self.progress)
-            self._host_key = console_host_key(
-                self.ec2, self.name, deadline, self.poll, self._closed
-            )
-        pinned = pinned_host_keys(self.address, self._host_key)
-        host, port = self.address
-        pending: NodeStartError | None = None
-        for _ in retries(deadline, self.poll, stop=self._closed):
-            if pending is not None:
-                api.say(f"{self.name}: instance still installing Python; retrying", self.progress)
-            launcher = HostLauncher(self.name, host, port, host_keys=pinned, **self.host_options)
-            with self._lock:
-                if self._closed.is_set():
-                    break
-                self._host = launcher
-            try:
-                return launcher.open()
-            except NodeStartError as exc:
-                if SETUP_PENDING not in str(exc):
-                    raise
-                pending = exc
-        if pending is None or self._closed.is_set():
-            raise RuntimeError(f"{self.name}: the cluster is shutting down")
-        raise pending
-
-    def _wait_for_ssh(self, deadline: float) -> None:
-        host, port = self.address
-        error: OSError | None = None
-        for left in retries(deadline, self.poll, stop=self._closed):
-            try:
-                with socket.create_connection((host, port), timeout=max(0.1, min(5, left))):
-                    return
-            except OSError as exc:
-                error = exc
-        if self._closed.is_set():
-            raise RuntimeError(f"{self.name}: the cluster is shutting down")
-        raise TimeoutError(
-            f"{self.name}: SSH on {host}:{port} not reachable before the start "
-            f"deadline ({error}); check that sky.AWS(ssh_cidr=...) includes this "
-            "client's public address and that the subnet gives public IPs"
-        ) from error
-
-    def close(self) -> None:
-        """Close the SSH connection (idempotent)."""
-        with self._lock:
-            self._closed.set()
-            host = self._host
-        if host is not None:
-            host.close()

@@ -133,9 +133,11 @@ class NodeMonitor:
         ).start()
 
     def _start_late(self, index: int) -> None:
+        """Start node ``index`` again after a failed start: through its launcher's
+        replacement (on AWS a new instance, the one that failed is terminated)."""
         outcome: Future[Node] = Future()
         try:
-            outcome.set_result(self.starter.open(index))
+            outcome.set_result(self.starter.replace(index))
         except Exception as exc:  # noqa: BLE001 - retried or logged by joined()
             outcome.set_exception(exc)
         self.joined(index, outcome)

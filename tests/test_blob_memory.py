@@ -139,15 +139,37 @@ def _block(_: int) -> int:
     return int(emit("hold", None))
 
 
+def test_a_submitted_argument_is_read_when_submit_is_called(no_agents_left: None) -> None:
+    """As ``Compute.submit`` promises: changed in place after the submit, before its task
+    was sent, the argument still reaches the task as it was."""
+    release = threading.Event()
+    a = _array(4)
+    before = _total(a)
+    with sky.Compute(nodes=1, worker=sky.Worker(concurrency=1)) as compute:
+        compute.on_message("hold", lambda _: release.wait(60))
+        blocker = compute.submit(_block, 0)  # holds the only slot: the next task waits
+        pending = compute.submit(_total, a)
+        assert not pending.running()
+        a += 1
+        changed = compute.submit(_total, a)
+        release.set()
+        assert blocker.result(timeout=60) == 1
+        assert pending.result(timeout=60) == before
+        assert changed.result(timeout=60) == _total(a) != before
+
+
 def test_an_argument_changed_before_its_task_was_sent_fails_that_task_clearly(
     no_agents_left: None,
 ) -> None:
+    """Within a call, large arguments are sent from their own memory: submitted again
+    after an in-place change, the earlier task's frame is stale, and that task fails."""
     release = threading.Event()
     a = _array(4)
     with sky.Compute(nodes=1, worker=sky.Worker(concurrency=1)) as compute:
         compute.on_message("hold", lambda _: release.wait(60))
         blocker = compute.submit(_block, 0)  # holds the only slot: the next task waits
-        pending = compute.submit(_total, a)
+        with compute.call() as call:
+            pending = call.submit(_total, a)
         assert not pending.running()  # not sent yet: its frame is still views of `a`
         a += 1  # changed in place, then submitted again: the first frame is stale
         changed = compute.submit(_total, a)

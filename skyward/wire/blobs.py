@@ -56,9 +56,10 @@ def _nbytes(obj: object) -> int:
 BLOB_MEMORY_ENV = "SKYWARD_CLIENT_BLOB_BYTES"
 _CHANGED = (
     "a task's large argument (blob {key}) was changed in place after the task was submitted "
-    "and before all of it reached its node: large arguments are sent from their own memory, "
-    "not copied, so the content the task was given is gone. Pass a copy "
-    "(compute.submit(f, a.copy())) of an argument you change while its tasks are pending"
+    "and before all of it reached its node: within a call (a joblib Parallel call, "
+    "compute.map, compute.call()) large arguments are sent from their own memory, not "
+    "copied, so the content the task was given is gone. Pass a copy (a.copy()) of an "
+    "argument you change while its tasks are pending"
 )
 
 
@@ -103,6 +104,7 @@ class Blob:
     used: int = 0  # registry clock at the last pin or send: least recent is dropped first
     generation: int = 0  # bumped when frames sent under this key may have carried other bytes
     changed: bool = False  # its object changed in place while tasks still needed it
+    owned: bool = False  # the frame holds copies of the object's buffers, not views
     dump: Callable[[Any], list[oob.Part]] | None = field(default=None, repr=False)
 
 
@@ -183,7 +185,12 @@ class BlobRegistry:
         scope = open_scope(scope)
         key: str | None = scope.objects.get(obj) if scope is not None else None
         if key is None or not self._hold((key,)):
-            key = self._store(obj, oob.dumps(obj))
+            parts = oob.dumps(obj)
+            if scope is None:
+                # Read now, as submit promises: an in-place change after it must not reach
+                # the task. Within a call, the object is sent from its own memory.
+                parts = oob.owned(parts)
+            key = self._store(obj, parts, owned=scope is None)
             if scope is not None:
                 scope.objects.put(obj, key, strong=True)
         return key
@@ -245,8 +252,12 @@ class BlobRegistry:
         parts: list[oob.Part],
         key: str | None = None,
         rebuild: Callable[[Any], list[oob.Part]] | None = None,
+        owned: bool = False,
     ) -> str:
-        """Hold ``obj``'s frame (``parts`` pickled) under its content key; return the key."""
+        """Hold ``obj``'s frame (``parts`` pickled) under its content key; return the key.
+
+        ``owned``: ``parts`` are copies; they replace a frame of views held for the key.
+        """
         if key is None:
             key = oob.digest(parts)
         try:
@@ -260,9 +271,10 @@ class BlobRegistry:
                 blob = self._blobs[key] = Blob(key, sum(len(p) for p in parts))
             if source is not None or blob.source is None:
                 blob.source, blob.dump, blob.changed = source, rebuild, False
-            if blob.frame is None:
-                blob.frame = oob.frame(key, parts)
-                self.held += blob.size
+            if blob.frame is None or (owned and not blob.owned):
+                if blob.frame is None:
+                    self.held += blob.size
+                blob.frame, blob.owned = oob.frame(key, parts), owned
             blob.pins += 1
             self._held_here().append(key)
             self._clock += 1
@@ -281,6 +293,8 @@ class BlobRegistry:
         old = self._blobs.get(previous)
         if old is None or old.pins <= 0 or old.source is None or old.source() is not obj:
             return
+        if old.owned and old.frame is not None:
+            return  # a copy: it still holds what its tasks were given
         self._drop_frame(old)
         old.source, old.changed = None, True
         old.generation += 1
@@ -376,7 +390,7 @@ class BlobRegistry:
 
     def _drop_frame(self, blob: Blob) -> None:
         if blob.frame is not None:
-            blob.frame = None
+            blob.frame, blob.owned = None, False
             self.held -= blob.size
 
     def _shrink(self) -> None:

@@ -77,6 +77,12 @@ def dumps(
     return [file.getvalue(), *(buffer.raw() for buffer in buffers)]
 
 
+def owned(parts: Sequence[Part]) -> list[Part]:
+    """``parts`` with each writable buffer copied: what a later in-place change of the
+    object cannot alter (read-only buffers, such as a ``bytes`` object's, are kept)."""
+    return [bytes(p) if isinstance(p, memoryview) and not p.readonly else p for p in parts]
+
+
 def digest(parts: Sequence[Part]) -> str:
     """The content key of a blob: a hash over its parts, read in place."""
     hasher = hashlib.sha256()

@@ -1,17 +1,23 @@
-"""Issue 15, one I/O loop for all nodes: the client's threads do not grow with its nodes,
-and the loop's frame parser keeps the frame limits."""
+"""Issue 15, one I/O loop for all nodes: the client's threads do not grow with its nodes
+(Local, and SSH but for paramiko's transport thread per connection), and the loop's
+frame parser keeps the frame limits."""
 
 from __future__ import annotations
 
 import os
+import sys
 import threading
 
+import paramiko
 import pytest
+from sshd_hosts import SSHDCluster
 
 import skyward as sky
 from skyward import wire
 from skyward.errors import ProtocolError
 from skyward.wire import Kind
+
+PICKLE_BY_VALUE = True  # see conftest: the SSH hosts do not have this module
 
 
 def pid_of(_: object = None) -> int:
@@ -30,6 +36,38 @@ def test_client_threads_do_not_grow_with_nodes(no_agents_left: None) -> None:
     few = client_threads(5)
     many = client_threads(50)
     assert many <= few, f"{many} client threads with 50 nodes, {few} with 5"
+
+
+def ssh_client_threads(
+    cluster: SSHDCluster, env_root: str, wheelhouse: str, nodes: int
+) -> tuple[int, int]:
+    """(paramiko transport threads, every other client thread) while ``nodes`` SSH nodes
+    (the loopback hosts, each used several times) are up and every one has run a task."""
+    hosts = (cluster.specs() * nodes)[:nodes]
+    provider = sky.SSH(
+        hosts,
+        key_filename=cluster.key_filename,
+        known_hosts=cluster.known_hosts,
+        python=sys.executable,
+        env_root=env_root,
+    )
+    image = sky.Image(wheelhouse=wheelhouse)
+    worker = sky.Worker(concurrency=1)
+    with sky.Compute(provider, nodes=nodes, worker=worker, image=image, progress=False) as c:
+        assert len(set(c.map(pid_of, range(nodes * 4)))) == nodes
+        threads = threading.enumerate()
+    transports = sum(isinstance(t, paramiko.Transport) for t in threads)
+    return transports, len(threads) - transports
+
+
+@pytest.mark.timeout(240)
+def test_ssh_client_threads_grow_only_by_paramiko_transports(
+    ssh_clean: SSHDCluster, ssh_env_root: str, ssh_wheelhouse: str
+) -> None:
+    few = ssh_client_threads(ssh_clean, ssh_env_root, ssh_wheelhouse, 2)
+    many = ssh_client_threads(ssh_clean, ssh_env_root, ssh_wheelhouse, 6)
+    assert few[0] == 2 and many[0] == 6, f"transport threads: {few[0]} for 2 nodes, {many[0]} for 6"
+    assert many[1] <= few[1], f"{many[1]} other client threads with 6 SSH nodes, {few[1]} with 2"
 
 
 def frames_of(data: bytes, piece: int) -> list[wire.Frame]:

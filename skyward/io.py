@@ -22,9 +22,9 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from skyward import wire
+from skyward.wire.frames import IOV_MAX, as_views, consume
 
 _CHUNK = 1 << 18
-_IOV_MAX = 512
 _BATCH_BYTES = 1 << 20
 
 Buffers = Sequence[bytes | memoryview]
@@ -79,6 +79,8 @@ class IOLoop:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="skyward-io", daemon=True)
                 self._thread.start()
+        if self.on_loop:
+            return  # the loop looks at its calls and timers before it waits again
         try:
             os.write(self._wake_write, b"\0")
         except BlockingIOError:
@@ -116,6 +118,8 @@ class IOLoop:
 
     def _timeout(self) -> float | None:
         with self._lock:
+            if self._calls:
+                return 0.0
             if not self._timers:
                 return None
             return max(0.0, self._timers[0][0] - time.monotonic())
@@ -267,29 +271,6 @@ class LineReader:
         loop().run(lambda: loop().unwatch(self.fd))
 
 
-def _bytes_view(buffer: bytes | memoryview) -> memoryview:
-    view = memoryview(buffer)
-    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
-
-
-def as_views(frame: bytes | Buffers) -> list[memoryview]:
-    """A frame (or several) given whole or as a list of buffers, as flat byte views."""
-    parts = [frame] if isinstance(frame, bytes) else frame
-    return [_bytes_view(b) for b in parts]
-
-
-def consume(views: list[memoryview], n: int) -> None:
-    """Drop the first ``n`` bytes written from ``views`` (in place)."""
-    while n:
-        first = views[0]
-        if n >= len(first):
-            n -= len(first)
-            del views[0]
-        else:
-            views[0] = first[n:]
-            n = 0
-
-
 class LoopWriter(ABC):
     """Frames queued for one channel, written on the loop without joining their buffers.
 
@@ -347,7 +328,7 @@ class LoopWriter(ABC):
             if self._closed:
                 return False
             size = sum(len(b) for b in self._current)
-            while (self._urgent or self._frames) and len(self._current) < _IOV_MAX:
+            while (self._urgent or self._frames) and len(self._current) < IOV_MAX:
                 if size >= _BATCH_BYTES and self._current:
                     break
                 frame = (self._urgent or self._frames).popleft()
@@ -393,7 +374,7 @@ class PipeWriter(LoopWriter):
     def _writable(self, mask: int) -> None:
         while self._take():
             try:
-                n = os.writev(self.fd, self._current[:_IOV_MAX])
+                n = os.writev(self.fd, self._current[:IOV_MAX])
             except BlockingIOError:
                 return
             except OSError:

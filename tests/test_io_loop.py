@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import tracemalloc
 
 import paramiko
 import pytest
@@ -111,3 +112,44 @@ def test_parser_refuses_truncated_and_oversized_frames() -> None:
         frames_of(frame[:5], 1 << 16)
     with pytest.raises(ProtocolError, match="above the limit"):
         wire.FrameParser(limit=1 << 20).feed(frame[: wire.HEADER.size])
+
+
+def test_outbox_writes_buffer_lists_without_joining_them() -> None:
+    """The agent's writer hands a frame's buffers to the pipe as they are: sending a
+    16 MiB buffer allocates nothing near its size (a join would copy all of it)."""
+    payload = bytearray(os.urandom(1 << 20) * 16)
+    header = wire.HEADER.pack(wire.MAGIC, wire.PROTOCOL, Kind.BLOB, 0, len(payload))
+    small = wire.encode_obj(Kind.HEARTBEAT, {"n": 1})
+    expected = len(small) + len(header) + len(payload) + len(small)
+    received = bytearray(expected)
+    read_fd, write_fd = os.pipe()
+    got = 0
+
+    def drain() -> None:
+        nonlocal got
+        view = memoryview(received)
+        while got < expected and (n := os.readv(read_fd, [view[got:]])):
+            got += n
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    broken: list[bool] = []
+    with os.fdopen(write_fd, "wb") as stream:
+        outbox = wire.Outbox(stream, lambda: broken.append(True))
+        tracemalloc.start()
+        try:
+            outbox.put(small)
+            outbox.put([header, memoryview(payload)])
+            outbox.put(small)
+            reader.join(30)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+            outbox.close()
+    os.close(read_fd)
+    assert not reader.is_alive() and not broken and got == expected
+    frames = frames_of(bytes(received), 1 << 16)
+    assert [kind for kind, _, _ in frames] == [Kind.HEARTBEAT, Kind.BLOB, Kind.HEARTBEAT]
+    assert frames[1][1] == payload
+    assert outbox.sent == expected
+    assert peak < len(payload) // 4, f"{peak} bytes allocated while writing {len(payload)}"

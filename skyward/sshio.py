@@ -26,9 +26,11 @@ if TYPE_CHECKING:
     from skyward.io import IOLoop
 
 _CHUNK = 1 << 18
-_ROUNDS = 4
 RETRY = 0.002
 """Seconds before a writer that found no room (window, socket, key exchange) tries again."""
+UNCHECKED = 1 << 18
+"""Bytes sent before the socket is polled again for room (a poll per small packet costs
+as much as the packet)."""
 
 
 class ChannelReader:
@@ -80,19 +82,12 @@ class ChannelReader:
         channel = self._channel
         try:
             ended = channel.eof_received or channel.closed  # all data is buffered before
-            for _ in range(_ROUNDS):
-                got = False
-                if channel.recv_stderr_ready():
-                    self._lines.feed(channel.recv_stderr(_CHUNK))
-                    got = True
-                if channel.recv_ready():
-                    self._frames(self._read(channel))
-                    got = True
-                if not got:
-                    break
-            else:
-                return  # more to read: the pipe is still readable, the loop comes back
-            if ended:
+            if channel.recv_stderr_ready():
+                self._lines.feed(channel.recv_stderr(_CHUNK))
+            if channel.recv_ready():
+                self._frames(self._read(channel))
+            # What is left (or came since) keeps the pipe readable: the loop comes back.
+            if ended and not (channel.recv_ready() or channel.recv_stderr_ready()):
                 self._parser.end()
                 self._finish("its channel closed (agent process exited or connection lost)")
         except Exception as exc:  # noqa: BLE001
@@ -149,6 +144,7 @@ class ChannelWriter(skyio.LoopWriter):
         super().__init__(on_broken)
         self._channel = channel
         self._scheduled = False
+        self._unchecked = 0
         transport = channel.get_transport()
         self._transport = transport
         self._poll: select.poll | None = None
@@ -179,7 +175,12 @@ class ChannelWriter(skyio.LoopWriter):
             return False  # key exchange: paramiko would wait for it
         if not self._channel.send_ready():
             return False
-        return self._poll is None or bool(self._poll.poll(0))
+        if self._poll is None or self._unchecked < UNCHECKED:
+            return True
+        if not self._poll.poll(0):
+            return False
+        self._unchecked = 0
+        return True
 
     def _packet(self) -> bytes | memoryview:
         size = max(1024, self._channel.out_max_packet_size - 64)
@@ -217,6 +218,7 @@ class ChannelWriter(skyio.LoopWriter):
                 self._broken()
                 return
             self._wrote(n)
+            self._unchecked += n
             budget -= n
             if budget <= 0:
                 loop.call(self._drain)

@@ -207,7 +207,8 @@ class ChannelWriter(skyio.LoopWriter):
                     self._later(loop)
                 return
             try:
-                n = self._channel.send(self._packet())
+                # paramiko copies what it is given into the packet; a view is fine.
+                n = self._channel.send(self._packet())  # type: ignore[arg-type]
             except TimeoutError:
                 self._later(loop)
                 return

@@ -44,7 +44,7 @@ def test_frames_larger_than_the_ssh_window_travel_both_ways(
         results = list(compute.map(digest_and_echo, blobs))
         stats = compute.stats()
         nodes = [(node.alive, node.heartbeats) for node in compute.nodes]
-    for blob, (seen, echoed) in zip(blobs, results):
+    for blob, (seen, echoed) in zip(blobs, results, strict=True):
         expected = hashlib.sha256(blob).digest()
         assert seen == expected.hex()
         assert echoed == expected * (SIZE // 32)

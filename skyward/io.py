@@ -5,8 +5,9 @@ One thread per client process multiplexes every channel with :mod:`selectors`
 from stdout are cut by a :class:`~skyward.wire.FrameParser` and handed to the node's
 handlers, stderr is forwarded line by line, and queued frames are written to stdin
 when it is writable (or, where no descriptor says so, retried on a loop timer). The
-number of client threads therefore does not grow with the number of nodes. Handlers run on this thread: they
-only do bookkeeping (results reach user code through the scheduler's result thread).
+number of client threads therefore does not grow with the number of nodes. Handlers
+run on this thread: they only do bookkeeping (results reach user code through the
+scheduler's result thread).
 """
 
 from __future__ import annotations

@@ -27,7 +27,9 @@ if TYPE_CHECKING:
 
 _CHUNK = 1 << 18
 RETRY = 0.002
-"""Seconds before a writer that found no room (window, socket, key exchange) tries again."""
+"""Seconds before a writer that found no room (window, socket, key exchange) tries again;
+doubled while there is still none, up to :data:`MAX_RETRY`."""
+MAX_RETRY = 0.05
 UNCHECKED = 1 << 18
 """Bytes sent before the socket is polled again for room (a poll per small packet costs
 as much as the packet)."""
@@ -144,14 +146,18 @@ class ChannelWriter(skyio.LoopWriter):
         super().__init__(on_broken)
         self._channel = channel
         self._scheduled = False
+        self._delay = RETRY
         self._unchecked = 0
         transport = channel.get_transport()
         self._transport = transport
         self._poll: select.poll | None = None
+        self._outer: paramiko.Channel | None = None
         sock = getattr(transport, "sock", None)
-        if isinstance(sock, socket.socket):  # through a jump host: a paramiko channel
+        if isinstance(sock, socket.socket):
             self._poll = select.poll()
             self._poll.register(sock.fileno(), select.POLLOUT)
+        elif hasattr(sock, "send_ready"):  # through a jump host: the jump connection's channel
+            self._outer = sock
 
     def _arm(self) -> None:
         self._drain()
@@ -162,7 +168,8 @@ class ChannelWriter(skyio.LoopWriter):
     def _later(self, loop: IOLoop) -> None:
         if not self._scheduled:
             self._scheduled = True
-            loop.call_later(RETRY, self._retry)
+            loop.call_later(self._delay, self._retry)
+            self._delay = min(self._delay * 2, MAX_RETRY)
 
     def _retry(self) -> None:
         self._scheduled = False
@@ -174,6 +181,8 @@ class ChannelWriter(skyio.LoopWriter):
         if transport is not None and not transport.clear_to_send.is_set():
             return False  # key exchange: paramiko would wait for it
         if not self._channel.send_ready():
+            return False
+        if self._outer is not None and not self._outer.send_ready():
             return False
         if self._poll is None or self._unchecked < UNCHECKED:
             return True
@@ -219,6 +228,7 @@ class ChannelWriter(skyio.LoopWriter):
                 self._broken()
                 return
             self._wrote(n)
+            self._delay = RETRY
             self._unchecked += n
             budget -= n
             if budget <= 0:

@@ -31,8 +31,9 @@ RETRY = 0.002
 doubled while there is still none, up to :data:`MAX_RETRY`."""
 MAX_RETRY = 0.05
 UNCHECKED = 1 << 18
-"""Bytes sent before the socket is polled again for room (a poll per small packet costs
-as much as the packet)."""
+"""Bytes sent before the socket is polled again for room: polling before every small
+packet would add a syscall per task, and a socket short of room only for what was
+sent since its last poll can block the loop for one packet at most."""
 
 
 class ChannelReader:

@@ -1,26 +1,26 @@
 """Byte-stream channels to a running agent.
 
-A channel is where frames travel: the agent's stdin (``writer``) and stdout
-(``reader``), plus its stderr, forwarded line by line to the client's stderr
-with the node's name in front. Every provider produces channels; everything
-above this module (nodes, scheduler, Compute) is the same for all of them.
-A local agent's pipes are served by the client's one I/O loop (:mod:`skyward.io`).
+A channel is where frames travel: the agent's stdin and stdout, plus its stderr,
+forwarded line by line to the client's stderr with the node's name in front. Every
+provider produces channels; everything above this module (nodes, scheduler, Compute)
+is the same for all of them. Every channel, a local agent's pipes and an SSH exec
+channel alike, is served by the client's one I/O loop (:mod:`skyward.io`,
+:mod:`skyward.sshio`): no thread per node.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import re
 import subprocess
 import sys
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from typing import IO, TYPE_CHECKING
 
 from skyward import io as skyio
-from skyward import wire
+from skyward import sshio, wire
 from skyward.waits import call_with_timeout
 
 if TYPE_CHECKING:
@@ -33,8 +33,6 @@ class Channel(ABC):
     """A started agent and the byte streams that reach it."""
 
     name: str
-    reader: IO[bytes]
-    writer: IO[bytes]
 
     @abstractmethod
     def attach(
@@ -81,7 +79,8 @@ def printable(text: str) -> str:
 
 
 def forward_line(name: str, raw: bytes) -> None:
-    """Write one line of a worker's stderr to the client's, as :func:`forward_lines` does."""
+    """Write one line of a worker's stderr to the client's, prefixed with ``[name]`` and
+    stripped of terminal control (:func:`printable`)."""
     text = printable(raw.decode("utf-8", "replace").rstrip("\n"))
     log.debug("[%s] %s", name, text)
     try:
@@ -91,25 +90,12 @@ def forward_line(name: str, raw: bytes) -> None:
         pass
 
 
-def forward_lines(name: str, lines: Iterable[bytes]) -> threading.Thread:
-    """Copy a worker's stderr to the client's stderr, each line prefixed with ``[name]``
-    and stripped of terminal control (:func:`printable`)."""
-
-    def run() -> None:
-        try:
-            for raw in lines:
-                forward_line(name, raw)
-        except (OSError, ValueError):
-            pass
-
-    thread = threading.Thread(target=run, name=f"skyward-stderr-{name}", daemon=True)
-    thread.start()
-    return thread
-
-
 class LoopPipes(Channel):
     """A local agent's pipes, served by the one I/O loop (:mod:`skyward.io`): frames in,
     frames out and stderr lines, with no thread of their own."""
+
+    reader: IO[bytes]
+    writer: IO[bytes]
 
     def _serve(self, stderr_fd: int) -> None:
         self._stderr = skyio.LineReader(stderr_fd, lambda line: forward_line(self.name, line))
@@ -196,28 +182,6 @@ AGENT_PID_MARK = b"skyward-agent-pid "
 """First stderr line of an SSH-started agent: the remote shell's pid, which ``exec`` keeps."""
 
 
-class _ChannelIO(io.RawIOBase):
-    """A paramiko channel's stdin/stdout as a raw binary stream (buffered by the caller)."""
-
-    def __init__(self, channel: paramiko.Channel) -> None:
-        self._channel = channel
-
-    def readable(self) -> bool:
-        return True
-
-    def writable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
-        data = self._channel.recv(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
-
-    def write(self, data: bytes) -> int:  # type: ignore[override]
-        self._channel.sendall(data)
-        return len(data)
-
-
 def _bounded(fn: Callable[[], object], timeout: float) -> bool:
     """Whether ``fn`` finished within ``timeout``: paramiko calls can block forever on a
     silently dropped connection; the caller then closes the transport, which ends them."""
@@ -238,45 +202,32 @@ class SSHChannel(Channel):
         self.channel = channel
         self._pid: int | None = None
         self._pid_seen = threading.Event()
-        raw = _ChannelIO(channel)
-        self.reader = io.BufferedReader(raw, 1 << 16)
-        self.writer = raw  # type: ignore[assignment]  # Outbox coalesces writes already
-        self._stderr = forward_lines(name, self._stderr_lines(channel.makefile_stderr("rb")))
+        self._writer: skyio.FrameSink | None = None
+        channel.settimeout(0.0)  # read and written on the loop only when ready: never wait
+        self._reader = sshio.ChannelReader(channel, self._stderr_line, self._pid_seen.set)
 
     def attach(
         self,
         on_frame: Callable[[wire.Kind, bytes, int], object],
         on_end: Callable[[str], object],
     ) -> None:
-        def run() -> None:
-            reason = "its channel closed (agent process exited or connection lost)"
-            try:
-                while (frame := wire.read_frame(self.reader)) is not None:
-                    on_frame(*frame)
-            except Exception as exc:  # noqa: BLE001
-                reason = f"reading from it failed: {type(exc).__name__}: {exc}"
-            on_end(reason)
-
-        threading.Thread(target=run, name=f"skyward-recv-{self.name}", daemon=True).start()
+        self._reader.attach(on_frame, on_end)
 
     def open_writer(self, on_broken: Callable[[], object]) -> skyio.FrameSink:
-        return wire.Outbox(self.writer, on_broken, name=f"skyward-send-{self.name}")
+        self._writer = sshio.ChannelWriter(self.channel, on_broken)
+        return self._writer
 
-    def _stderr_lines(self, stream: Iterable[bytes]) -> Iterator[bytes]:
-        for line in stream:
-            if self._pid is None and line.startswith(AGENT_PID_MARK):
-                try:
-                    pid = int(line[len(AGENT_PID_MARK) :])
-                except ValueError:
-                    pid = 0
-                if pid > 1:  # 0, -1 and 1 would make a kill hit far more than the agent
-                    self._pid = pid
-                else:
-                    yield line
-                self._pid_seen.set()
-                continue
-            yield line
-        self._pid_seen.set()
+    def _stderr_line(self, line: bytes) -> None:
+        if self._pid is None and not self._pid_seen.is_set() and line.startswith(AGENT_PID_MARK):
+            try:
+                pid = int(line[len(AGENT_PID_MARK) :])
+            except ValueError:
+                pid = 0
+            self._pid_seen.set()
+            if pid > 1:  # 0, -1 and 1 would make a kill hit far more than the agent
+                self._pid = pid
+                return
+        forward_line(self.name, line)
 
     @property
     def pid(self) -> int | None:
@@ -294,7 +245,6 @@ class SSHChannel(Channel):
             self.channel.status_event.wait(timeout)
 
         if _bounded(finish, timeout + 1.0) and self.channel.exit_status_ready():
-            _bounded(self.channel.close, 2.0)
             self._release()
         else:
             self.kill()
@@ -309,11 +259,10 @@ class SSHChannel(Channel):
         self._release()
 
     def _release(self) -> None:
-        self._stderr.join(1)
-        try:
-            self.reader.close()
-        except (OSError, ValueError):
-            pass
+        if self._writer is not None:
+            self._writer.close()
+        self._reader.detach(1)
+        _bounded(self.channel.close, 2.0)  # after detach: this closes the pipe the loop watched
 
 
 def _remote_kill(transport: paramiko.Transport, pid: int) -> None:

@@ -1,33 +1,39 @@
 """The one I/O loop that serves them all.
 
-One thread per client process multiplexes every local agent's pipes with
-:mod:`selectors`: frames read from stdout are cut by a :class:`~skyward.wire.FrameParser`
-and handed to the node's handlers, stderr is forwarded line by line, and queued
-frames are written to stdin when it is writable. The number of client threads
-therefore does not grow with the number of nodes. Handlers run on this thread: they
-only do bookkeeping (results reach user code through the scheduler's result thread).
+One thread per client process multiplexes every channel with :mod:`selectors`
+(local agents' pipes here, SSH channels through :mod:`skyward.sshio`): frames read
+from stdout are cut by a :class:`~skyward.wire.FrameParser` and handed to the node's
+handlers, stderr is forwarded line by line, and queued frames are written to stdin
+when it is writable (or, where no descriptor says so, retried on a loop timer). The
+number of client threads therefore does not grow with the number of nodes. Handlers
+run on this thread: they only do bookkeeping (results reach user code through the
+scheduler's result thread).
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import os
 import selectors
 import threading
+import time
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from skyward import wire
+from skyward.wire.frames import IOV_MAX, as_views, consume
 
 _CHUNK = 1 << 18
-_IOV_MAX = 512
 _BATCH_BYTES = 1 << 20
 
 Buffers = Sequence[bytes | memoryview]
 
 
 class FrameSink(Protocol):
-    """Where a node's frames are queued: :class:`PipeWriter` or :class:`wire.Outbox`."""
+    """Where a node's frames are queued: a :class:`LoopWriter`."""
 
     sent: int
 
@@ -49,6 +55,8 @@ class IOLoop:
         os.set_blocking(self._wake_write, False)
         self._selector.register(self._wake_read, selectors.EVENT_READ, None)
         self._calls: deque[Callable[[], object]] = deque()
+        self._timers: list[tuple[float, int, Callable[[], object]]] = []
+        self._order = itertools.count()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
@@ -59,11 +67,22 @@ class IOLoop:
 
     def call(self, fn: Callable[[], object]) -> None:
         """Run ``fn`` on the loop's thread, soon."""
+        self._add(lambda: self._calls.append(fn))
+
+    def call_later(self, delay: float, fn: Callable[[], object]) -> None:
+        """Run ``fn`` on the loop's thread in ``delay`` seconds (for what offers no fd to
+        wait on, such as a full SSH window)."""
+        entry = (time.monotonic() + delay, next(self._order), fn)
+        self._add(lambda: heapq.heappush(self._timers, entry))
+
+    def _add(self, add: Callable[[], object]) -> None:
         with self._lock:
-            self._calls.append(fn)
+            add()
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="skyward-io", daemon=True)
                 self._thread.start()
+        if self.on_loop:
+            return  # the loop looks at its calls and timers before it waits again
         try:
             os.write(self._wake_write, b"\0")
         except BlockingIOError:
@@ -99,9 +118,27 @@ class IOLoop:
         except (KeyError, ValueError):
             pass
 
+    def _timeout(self) -> float | None:
+        with self._lock:
+            if self._calls:
+                return 0.0
+            if not self._timers:
+                return None
+            return max(0.0, self._timers[0][0] - time.monotonic())
+
+    def _due(self) -> list[Callable[[], object]]:
+        """The calls queued and the timers due now (not those they add: fds come first)."""
+        with self._lock:
+            due = list(self._calls)
+            self._calls.clear()
+            now = time.monotonic()
+            while self._timers and self._timers[0][0] <= now:
+                due.append(heapq.heappop(self._timers)[2])
+            return due
+
     def _run(self) -> None:
         while True:
-            for key, mask in self._selector.select():
+            for key, mask in self._selector.select(self._timeout()):
                 if key.data is None:
                     try:
                         while os.read(self._wake_read, 4096):
@@ -113,11 +150,7 @@ class IOLoop:
                     key.data(mask)
                 except Exception:  # noqa: BLE001 - one channel's failure must not stop the rest
                     self.unwatch(key.fd)
-            while True:
-                with self._lock:
-                    if not self._calls:
-                        break
-                    fn = self._calls.popleft()
+            for fn in self._due():
                 try:
                     fn()
                 except Exception:  # noqa: BLE001, S110 - callers report their own errors
@@ -193,13 +226,32 @@ class FrameReader:
         loop().run(lambda: loop().unwatch(self.fd))
 
 
+class LineSplitter:
+    """Cuts a byte stream that arrives in pieces into lines for ``on_line``."""
+
+    def __init__(self, on_line: Callable[[bytes], object]) -> None:
+        self._on_line = on_line
+        self._partial = b""
+
+    def feed(self, data: bytes) -> None:
+        """Hand on every line ``data`` completes (each with its ``\\n``)."""
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        for line in lines:
+            self._on_line(line + b"\n")
+
+    def end(self) -> None:
+        """The stream ended: hand on the unterminated last part, if any."""
+        if self._partial:
+            self._on_line(self._partial)
+        self._partial = b""
+
+
 class LineReader:
     """Reads a pipe on the loop and calls ``on_line`` with each line (and the last part)."""
 
     def __init__(self, fd: int, on_line: Callable[[bytes], object]) -> None:
         self.fd = fd
-        self._on_line = on_line
-        self._partial = b""
+        self._lines = LineSplitter(on_line)
         self.done = threading.Event()
         loop().call(lambda: loop().watch(fd, selectors.EVENT_READ, self._readable))
 
@@ -209,15 +261,11 @@ class LineReader:
         except OSError:
             data = b""
         if not data:
-            if self._partial:
-                self._on_line(self._partial)
-            self._partial = b""
+            self._lines.end()
             loop().unwatch(self.fd)
             self.done.set()
             return
-        *lines, self._partial = (self._partial + data).split(b"\n")
-        for line in lines:
-            self._on_line(line + b"\n")
+        self._lines.feed(data)
 
     def detach(self, timeout: float) -> None:
         """Wait up to ``timeout`` for the end of the stream, then stop reading."""
@@ -225,21 +273,15 @@ class LineReader:
         loop().run(lambda: loop().unwatch(self.fd))
 
 
-def _bytes_view(buffer: bytes | memoryview) -> memoryview:
-    view = memoryview(buffer)
-    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
-
-
-class PipeWriter:
-    """Frames queued for a pipe, written on the loop without joining their buffers.
+class LoopWriter(ABC):
+    """Frames queued for one channel, written on the loop without joining their buffers.
 
     ``urgent`` frames (heartbeats) go before queued ones at the next frame boundary,
-    so they do not wait behind a large blob.
+    so they do not wait behind a large blob. Subclasses say how to wait for room
+    (:meth:`_arm`), what to do when idle (:meth:`_idle`) and write in :meth:`_flush`.
     """
 
-    def __init__(self, fd: int, on_broken: Callable[[], object]) -> None:
-        self.fd = fd
-        os.set_blocking(fd, False)
+    def __init__(self, on_broken: Callable[[], object]) -> None:
         self._on_broken = on_broken
         self._frames: deque[list[memoryview]] = deque()
         self._urgent: deque[list[memoryview]] = deque()
@@ -251,8 +293,7 @@ class PipeWriter:
 
     def put(self, frame: bytes | Buffers, urgent: bool = False) -> None:
         """Queue one frame (or several), given whole or as a list of buffers."""
-        parts = [frame] if isinstance(frame, bytes) else frame
-        buffers = [_bytes_view(b) for b in parts]
+        buffers = as_views(frame)
         with self._lock:
             if self._closed:
                 return
@@ -273,12 +314,15 @@ class PipeWriter:
             self._closed = True
             self._frames.clear()
             self._urgent.clear()
-        loop().run(lambda: loop().unwatch(self.fd))
+        loop().run(self._idle)
 
+    @abstractmethod
     def _arm(self) -> None:
-        if not self._closed:
-            loop().watch(self.fd, selectors.EVENT_WRITE, self._writable)
-            self._writable(selectors.EVENT_WRITE)
+        """(Loop thread.) Frames were queued: write what can be, wait for room for the rest."""
+
+    @abstractmethod
+    def _idle(self) -> None:
+        """(Loop thread.) Nothing left to write: stop waiting for room."""
 
     def _take(self) -> bool:
         """Move frames into the batch being written; whether there is anything to write."""
@@ -286,7 +330,7 @@ class PipeWriter:
             if self._closed:
                 return False
             size = sum(len(b) for b in self._current)
-            while (self._urgent or self._frames) and len(self._current) < _IOV_MAX:
+            while (self._urgent or self._frames) and len(self._current) < IOV_MAX:
                 if size >= _BATCH_BYTES and self._current:
                     break
                 frame = (self._urgent or self._frames).popleft()
@@ -294,35 +338,48 @@ class PipeWriter:
                 size += sum(len(b) for b in frame)
             if not self._current:
                 self._armed = False
-                loop().unwatch(self.fd)
+                self._idle()
                 return False
             return True
 
-    def _writable(self, mask: int) -> None:
-        while self._take():
-            try:
-                n = os.writev(self.fd, self._current[:_IOV_MAX])
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                self._broken(exc)
-                return
-            self.sent += n
-            while n:
-                first = self._current[0]
-                if n >= len(first):
-                    n -= len(first)
-                    del self._current[0]
-                else:
-                    self._current[0] = first[n:]
-                    n = 0
+    def _wrote(self, n: int) -> None:
+        self.sent += n
+        consume(self._current, n)
 
-    def _broken(self, exc: OSError) -> None:
+    def _broken(self) -> None:
         with self._lock:
             self._closed = True
             self._armed = False
             self._frames.clear()
             self._urgent.clear()
             self._current.clear()
-        loop().unwatch(self.fd)
+        self._idle()
         self._on_broken()
+
+
+class PipeWriter(LoopWriter):
+    """A :class:`LoopWriter` for a pipe: ``os.writev`` when the selector says it is writable."""
+
+    def __init__(self, fd: int, on_broken: Callable[[], object]) -> None:
+        super().__init__(on_broken)
+        self.fd = fd
+        os.set_blocking(fd, False)
+
+    def _arm(self) -> None:
+        if not self._closed:
+            loop().watch(self.fd, selectors.EVENT_WRITE, self._writable)
+            self._writable(selectors.EVENT_WRITE)
+
+    def _idle(self) -> None:
+        loop().unwatch(self.fd)
+
+    def _writable(self, mask: int) -> None:
+        while self._take():
+            try:
+                n = os.writev(self.fd, self._current[:IOV_MAX])
+            except BlockingIOError:
+                return
+            except OSError:
+                self._broken()
+                return
+            self._wrote(n)

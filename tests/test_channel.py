@@ -3,16 +3,17 @@ sequences; a remote kill needs an agent pid above 1."""
 
 from __future__ import annotations
 
-import io
+import os
 from typing import Any
 
 import pytest
 
-from skyward.channel import AGENT_PID_MARK, SSHChannel, _remote_kill, forward_lines
+from skyward.channel import AGENT_PID_MARK, SSHChannel, _remote_kill, forward_line
 
 
 def forwarded(lines: list[bytes], capsys: pytest.CaptureFixture[str]) -> list[str]:
-    forward_lines("gpu-1", lines).join(5)
+    for line in lines:
+        forward_line("gpu-1", line)
     return capsys.readouterr().err.splitlines()
 
 
@@ -88,14 +89,38 @@ def test_remote_kill_kills_the_agent_group() -> None:
 
 
 class FakeChannel:
-    """A paramiko channel whose remote command printed ``stderr``."""
+    """A paramiko channel whose remote command printed ``stderr`` and ended: what the I/O
+    loop uses of one (its readiness pipe, the buffers' state, the end)."""
 
     def __init__(self, stderr: bytes) -> None:
         self.stderr = stderr
         self.transport = FakeTransport()
+        self._ready, write = os.pipe()
+        os.write(write, b"*")  # data buffered, and then the end: readable for good
+        os.close(write)
+        self.eof_received = True
+        self.closed = False
 
-    def makefile_stderr(self, mode: str) -> io.BytesIO:
-        return io.BytesIO(self.stderr)
+    def fileno(self) -> int:
+        return self._ready
+
+    def settimeout(self, timeout: float) -> None:
+        pass
+
+    def recv_ready(self) -> bool:
+        return False
+
+    def recv_stderr_ready(self) -> bool:
+        return bool(self.stderr)
+
+    def recv_stderr(self, n: int) -> bytes:
+        data, self.stderr = self.stderr[:n], self.stderr[n:]
+        return data
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            os.close(self._ready)
 
     def get_transport(self) -> FakeTransport:
         return self.transport

@@ -113,8 +113,6 @@ class Node:
         sent: list[TaskRecord] = []
         with self._send_lock:
             for record in records:
-                if isinstance(record.keys, wire.BlobKeys):
-                    record.keys.watch(record.future)
                 try:
                     frames = self._missing_frames(record.keys)
                 except BlobUnavailableError as exc:

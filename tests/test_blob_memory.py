@@ -178,3 +178,16 @@ def test_an_argument_changed_before_its_task_was_sent_fails_that_task_clearly(
         with pytest.raises(sky.BlobUnavailableError, match=r"changed in place.*a\.copy\(\)"):
             pending.result(timeout=60)
         assert changed.result(timeout=60) == _total(a)
+
+
+def test_a_cancelled_queued_task_lets_its_blobs_go(no_agents_left: None) -> None:
+    release = threading.Event()
+    with sky.Compute(nodes=1, worker=sky.Worker(concurrency=1)) as compute:
+        compute.on_message("hold", lambda _: release.wait(60))
+        blocker = compute.submit(_block, 0)  # holds the only slot: the next task is queued
+        queued = compute.submit(_total, _array(5))
+        assert compute._blobs.stats()["held_bytes"] >= 2 * MiB
+        assert queued.cancel()
+        assert compute._blobs.stats()["held_bytes"] == 0  # while its future is still held
+        release.set()
+        assert blocker.result(timeout=60) == 1

@@ -185,12 +185,9 @@ class BlobRegistry:
         scope = open_scope(scope)
         key: str | None = scope.objects.get(obj) if scope is not None else None
         if key is None or not self._hold((key,)):
-            parts = oob.dumps(obj)
-            if scope is None:
-                # Read now, as submit promises: an in-place change after it must not reach
-                # the task. Within a call, the object is sent from its own memory.
-                parts = oob.owned(parts)
-            key = self._store(obj, parts, owned=scope is None)
+            # Outside a call the object is read now, as submit promises: an in-place change
+            # after it must not reach the task. Within a call it is sent from its own memory.
+            key = self._store(obj, oob.dumps(obj), owned=scope is None)
             if scope is not None:
                 scope.objects.put(obj, key, strong=True)
         return key
@@ -242,7 +239,7 @@ class BlobRegistry:
         if key != previous:
             self._seen.put(obj, key)
             return None
-        return self._store(obj, parts, key)
+        return self._store(obj, parts, key, owned=True)  # a copy (under 1 MiB), never stale
 
     # --- frames: held while needed, within the bound ------------------------------------
 
@@ -256,10 +253,18 @@ class BlobRegistry:
     ) -> str:
         """Hold ``obj``'s frame (``parts`` pickled) under its content key; return the key.
 
-        ``owned``: ``parts`` are copies; they replace a frame of views held for the key.
+        ``owned``: the frame must hold copies of ``parts``, not views of the object; they
+        are made unless such a frame is held for the key already (same content).
         """
         if key is None:
             key = oob.digest(parts)
+        copied = False
+        if owned:
+            with self._lock:
+                held = self._blobs.get(key)
+                copied = held is None or held.frame is None or not held.owned
+            if copied:  # outside the lock: a large copy must not hold up the I/O loop's sends
+                parts = oob.owned(parts)
         try:
             source: Callable[[], Any] | None = weakref.ref(obj, partial(self._collected, key))
         except TypeError:
@@ -274,6 +279,8 @@ class BlobRegistry:
             if blob.frame is None or (owned and not blob.owned):
                 if blob.frame is None:
                     self.held += blob.size
+                if owned and not copied:  # the held copy went meanwhile (rare)
+                    parts = oob.owned(parts)
                 blob.frame, blob.owned = oob.frame(key, parts), owned
             blob.pins += 1
             self._held_here().append(key)

@@ -365,6 +365,38 @@ class PipeWriter(LoopWriter):
         self.fd = fd
         os.set_blocking(fd, False)
 
+    def put(self, frame: bytes | Buffers, urgent: bool = False) -> None:
+        """Queue one frame (or several); with nothing queued, write what the pipe takes now.
+
+        Writing from the caller's thread matters: a caller busy submitting holds the
+        GIL, and the loop's thread, which needs it back after every system call, would
+        then write one frame per switch interval (5 ms) while the nodes sit idle.
+        """
+        buffers = as_views(frame)
+        with self._lock:
+            if self._closed:
+                return
+            if self._armed or self._current:
+                (self._urgent if urgent else self._frames).append(buffers)
+                return
+            try:
+                n = os.writev(self.fd, buffers[:IOV_MAX])
+            except BlockingIOError:
+                n = 0
+            except OSError:
+                n = -1
+            if n >= 0:
+                self.sent += n
+                consume(buffers, n)
+                if not buffers:
+                    return
+                self._current = buffers  # the rest of a frame begun: it goes first
+                self._armed = True
+        if n < 0:
+            self._broken()
+        else:
+            loop().call(self._arm)
+
     def _arm(self) -> None:
         if not self._closed:
             loop().watch(self.fd, selectors.EVENT_WRITE, self._writable)

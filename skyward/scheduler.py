@@ -76,6 +76,7 @@ class Scheduler:
         # Tasks given a node but not yet written to it: sent in one frame per node by the
         # I/O loop, so a burst of submits costs a frame per node, not one per task.
         self._unsent: dict[Node, list[TaskRecord]] = {}
+        self._unsent_count = 0
         self._flush_due = False
         self.closed = False
         self.counts = TaskCounts()
@@ -197,20 +198,31 @@ class Scheduler:
                 record.started = time.monotonic()
                 node.inflight[record.id] = record
                 self._unsent.setdefault(node, []).append(record)
-            if not self._unsent or self._flush_due:
+                self._unsent_count += 1
+            if not self._unsent:
                 return
-            self._flush_due = True
-        skyio.loop().call(self._flush)
+            # A caller submitting in a loop holds the GIL, and the loop's thread, which
+            # needs it back after each write, would then write a node per switch
+            # interval (5 ms): the caller writes each batch of a few tasks per node itself.
+            now = not skyio.loop().on_loop and self._unsent_count >= max(16, 4 * len(self.nodes))
+            if not now:
+                if self._flush_due:
+                    return
+                self._flush_due = True
+        if now:
+            self._flush()
+        else:  # soon, on the loop: with every task given a node until then
+            skyio.loop().call(self._flush)
 
     def _flush(self) -> None:
-        """(I/O loop.) Write the tasks given a node since the last flush, one frame per node.
+        """Write the tasks given a node since the last flush, one frame per node.
 
         A task cancelled meanwhile is not sent: its slot is given back instead.
         """
         batches: dict[Node, list[TaskRecord]] = {}
         with self.lock:
             self._flush_due = False
-            unsent, self._unsent = self._unsent, {}
+            unsent, self._unsent, self._unsent_count = self._unsent, {}, 0
             for node, records in unsent.items():
                 for record in records:
                     if node.inflight.get(record.id) is not record:

@@ -13,13 +13,14 @@ import importlib
 import itertools
 import os
 import pickle
+import queue
 import signal
 import socket
 import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import IO, Any
 
 from skyward import wire
@@ -64,6 +65,31 @@ def _log(message: str) -> None:
     sys.stderr.flush()
 
 
+class ThreadSlots:
+    """``executor="thread"``: ``concurrency`` threads, all started at once, taking tasks
+    from one queue (lighter per task than a ``ThreadPoolExecutor``: no future, no
+    lock, no lazy thread start when the first wave arrives)."""
+
+    def __init__(self, run: Callable[[Task, dict[str, Any]], None], concurrency: int) -> None:
+        self._run = run
+        self._queue: queue.SimpleQueue[tuple[Task, dict[str, Any]]] = queue.SimpleQueue()
+        for index in range(concurrency):
+            name = f"skyward-task-{index}"
+            threading.Thread(target=self._serve, name=name, daemon=True).start()
+
+    def submit(self, task: Task, blobs: dict[str, Any]) -> None:
+        """Run ``task`` on the next free thread."""
+        self._queue.put((task, blobs))
+
+    def _serve(self) -> None:
+        while True:
+            task, blobs = self._queue.get()
+            try:
+                self._run(task, blobs)
+            except BaseException as exc:  # noqa: BLE001 - the slot must go on serving
+                _log(f"task {task[0]} could not be run or answered: {type(exc).__name__}: {exc}")
+
+
 class Agent:
     """Reads frames, runs tasks, writes results."""
 
@@ -81,7 +107,7 @@ class Agent:
         self.config: dict[str, Any] = {}
         self.cache = BlobCache(DEFAULT_CACHE_BYTES, keep_bytes=False)
         self.slots: ProcessSlots | None = None
-        self.pool: ThreadPoolExecutor | None = None
+        self.pool: ThreadSlots | None = None
         self.replies: dict[int, OnReply] = {}
         self.message_ids = itertools.count()
 
@@ -111,12 +137,7 @@ class Agent:
         if process:
             self.slots = ProcessSlots(self, concurrency)
         else:
-            self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="skyward-task")
-            # Start every slot's thread now (the pool starts them lazily, one per submit):
-            # otherwise the first wave of tasks pays for thread creation as it arrives.
-            ready = threading.Barrier(concurrency)
-            for _ in range(concurrency):
-                self.pool.submit(ready.wait, 10)
+            self.pool = ThreadSlots(self.run, concurrency)
         info = wire.versions()
         info.update(
             pid=os.getpid(),
@@ -227,7 +248,7 @@ class Agent:
                 self.slots.submit(task, blobs)
         else:
             assert self.pool is not None
-            self.pool.submit(self.run, task, blobs)
+            self.pool.submit(task, blobs)
 
     def run(self, task: Task, blobs: dict[str, Any]) -> None:
         task_id, _, payload = task

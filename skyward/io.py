@@ -281,6 +281,10 @@ class LoopWriter(ABC):
     (:meth:`_arm`), what to do when idle (:meth:`_idle`) and write in :meth:`_flush`.
     """
 
+    arm_on_caller = False
+    """Whether :meth:`_arm` may run on the thread that queued the frames (it writes from
+    there: a busy caller holds the GIL the loop's thread would need after each write)."""
+
     def __init__(self, on_broken: Callable[[], object]) -> None:
         self._on_broken = on_broken
         self._frames: deque[list[memoryview]] = deque()
@@ -301,7 +305,10 @@ class LoopWriter(ABC):
             if self._armed:
                 return
             self._armed = True
-        loop().call(self._arm)
+        if self.arm_on_caller:
+            self._arm()
+        else:
+            loop().call(self._arm)
 
     @property
     def pending(self) -> bool:
@@ -318,7 +325,8 @@ class LoopWriter(ABC):
 
     @abstractmethod
     def _arm(self) -> None:
-        """(Loop thread.) Frames were queued: write what can be, wait for room for the rest."""
+        """(Loop thread, or the caller's with :attr:`arm_on_caller`.) Frames were queued:
+        write what can be, wait for room for the rest."""
 
     @abstractmethod
     def _idle(self) -> None:

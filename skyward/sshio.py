@@ -160,6 +160,8 @@ class ChannelWriter(skyio.LoopWriter):
         elif hasattr(sock, "send_ready"):  # through a jump host: the jump connection's channel
             self._outer = sock
 
+    arm_on_caller = True  # paramiko's send is thread-safe, and never waits here for room
+
     def _arm(self) -> None:
         self._drain()
 

@@ -1,23 +1,16 @@
 """Dispatch of tasks to node slots: queueing, retries after node loss, cancellation.
 
-Free capacity is held as *tokens*, one per free slot, interleaved across
-nodes: dispatch pops a token, a result pushes one back. Both are O(1), spread
-work evenly and need no scan over nodes. Tokens of a dead node are dropped
-lazily when popped.
-
-Each node also has a few *prefetch* tokens (tasks queued on the agent behind
-its busy slots, hiding the round trip of tiny tasks). They are used only while
-more than one wave of work is queued: in the last wave, a task queued behind a
-busy slot would wait there while another node's slot sits idle.
+Free capacity is held as slot and prefetch *tokens* (:mod:`skyward.tokens`):
+dispatch pops one, a result pushes one back, both in O(1).
 
 With ``speculate``, a straggler (a task running much longer than the median of
 its group, while nothing is queued and a slot is idle) is started once more on
 another node; the first copy to answer settles the future and the other is
 cancelled and forgotten.
 
-Tasks given a node are written by the I/O loop, one frame per node for all the
-tasks given it since the last write: a burst of submits costs a frame per node.
-Futures are settled on the :class:`~skyward.tasks.ResultThread`.
+Tasks given a node are written one frame per node for all the tasks given it
+since the last write (:meth:`Scheduler._flush`). Futures are settled on the
+:class:`~skyward.tasks.ResultThread`.
 """
 
 from __future__ import annotations
@@ -47,6 +40,7 @@ from skyward.tasks import (
     settle,
     settle_future,
 )
+from skyward.tokens import Tokens
 from skyward.wire import Status
 
 log = logging.getLogger("skyward")
@@ -59,7 +53,6 @@ class Scheduler:
         self, max_retries: int = 2, prefetch: int | None = None, speculate: bool = False
     ) -> None:
         self.max_retries = max_retries
-        self.prefetch = prefetch
         self.speculate = speculate
         self._stragglers = Stragglers()
         # Losing copies of speculated tasks still on their node: task id -> node.
@@ -67,14 +60,9 @@ class Scheduler:
         self.lock = threading.Lock()
         self.nodes: list[Node] = []
         self._queue: deque[TaskRecord] = deque()
-        self._slots: deque[Node] = deque()
-        self._extra: deque[Node] = deque()
-        self._live = 0
-        # Nodes being reclaimed (spot notice): no new work, their running tasks go on.
-        self._draining: set[Node] = set()
+        self._tokens = Tokens(prefetch)
         self._ids = itertools.count()
-        # Tasks given a node but not yet written to it: sent in one frame per node by the
-        # I/O loop, so a burst of submits costs a frame per node, not one per task.
+        # Tasks given a node but not yet written to it (see _flush).
         self._unsent: dict[Node, list[TaskRecord]] = {}
         self._unsent_count = 0
         self._flush_due = False
@@ -97,7 +85,7 @@ class Scheduler:
         with self.lock:
             self.restarting -= starts_ended
             self.nodes.extend(nodes)
-            self._add_tokens(nodes)
+            self._tokens.add(nodes)
             failed = self._fail_if_no_workers()
             self._changed.notify_all()
         self._fail_later(failed)
@@ -109,32 +97,6 @@ class Scheduler:
         with self.lock:
             self.restarting += count
 
-    def _add_tokens(self, nodes: list[Node]) -> None:
-        width = max((n.concurrency for n in nodes), default=0)
-        for i in range(width):  # one slot of every node, then the next slot of every node
-            self._slots.extend(n for n in nodes if i < n.concurrency)
-        for n in nodes:
-            extra = self.prefetch if self.prefetch is not None else n.concurrency
-            self._extra.extend([n] * extra)
-            self._live += n.concurrency
-
-    def _take(self) -> tuple[Node, deque[Node]] | None:
-        """A live node with capacity, and the token deque it came from (lock held)."""
-        for tokens in (self._slots, self._extra):
-            if tokens is self._extra and len(self._queue) <= self._live:
-                return None
-            while tokens:
-                node = tokens.popleft()
-                if node.alive and node not in self._draining:
-                    return node, tokens
-        return None
-
-    def _release(self, node: Node) -> None:
-        """Give back the capacity of a finished task of ``node`` (lock held)."""
-        if node.alive and node not in self._draining:
-            busy = len(node.inflight) >= node.concurrency
-            (self._extra if busy else self._slots).append(node)
-
     @property
     def live_nodes(self) -> list[Node]:
         """Nodes still connected."""
@@ -143,16 +105,14 @@ class Scheduler:
     @property
     def live_slots(self) -> int:
         """Slots on the nodes still connected (a node being reclaimed no longer counts)."""
-        return sum(n.concurrency for n in self.nodes if n.alive and n not in self._draining)
+        return sum(n.concurrency for n in self.nodes if self._tokens.takes_work(n))
 
     def drain(self, node: Node) -> None:
         """Send ``node`` no more work (its spot instance is being reclaimed); the tasks it
         runs go on until it is declared lost, which reruns what is left elsewhere."""
         with self.lock:
-            if not node.alive or node in self._draining:
+            if not self._tokens.drain(node):
                 return
-            self._draining.add(node)
-            self._live -= node.concurrency
             self._changed.notify_all()
         self._pump()
 
@@ -184,7 +144,7 @@ class Scheduler:
     def _pump(self) -> None:
         with self.lock:
             while self._queue:
-                taken = self._take()
+                taken = self._tokens.take(len(self._queue))
                 if taken is None:
                     break
                 node, tokens = taken
@@ -229,7 +189,7 @@ class Scheduler:
                         continue  # the node was lost: the task went back to the queue
                     if record.future.done():
                         del node.inflight[record.id]
-                        self._release(node)
+                        self._tokens.release(node)
                         self._changed.notify_all()
                         continue
                     record.sent = True
@@ -251,9 +211,9 @@ class Scheduler:
                 record = node.inflight.pop(task_id, None)
                 if record is None:
                     if self._abandoned.pop(task_id, None) is node:
-                        self._release(node)  # the losing copy of a speculated task ended
+                        self._tokens.release(node)  # the losing copy of a speculated task ended
                     continue  # or stale: the node was declared lost and the task rerun
-                self._release(node)
+                self._tokens.release(node)
                 node.tasks_done += 1
                 status = Status(code)
                 if record.twin is not None and self._drop_twin(record, status):
@@ -307,7 +267,7 @@ class Scheduler:
                 median = self._stragglers.median_if_late(record, now)
                 if median is None:
                     continue
-                node = self._idle_slot(avoid=record.node)
+                node = self._tokens.idle_slot(avoid=record.node)
                 if node is None:
                     break
                 copy = TaskRecord(
@@ -329,14 +289,6 @@ class Scheduler:
                 )
         for node, records in batches.items():
             node.send_tasks(records)
-
-    def _idle_slot(self, avoid: Node | None) -> Node | None:
-        """Take a free slot token of a live node other than ``avoid`` (lock held)."""
-        for node in list(self._slots):
-            if node is not avoid and node.alive and node not in self._draining:
-                self._slots.remove(node)
-                return node
-        return None
 
     def _retry(self, record: TaskRecord, why: str) -> bool:
         """Requeue ``record`` after a worker death, if it has attempts left (lock held)."""
@@ -388,12 +340,8 @@ class Scheduler:
         with self.lock:
             if not node.alive:
                 return
+            reclaimed = self._tokens.lost(node)
             node.alive = False
-            reclaimed = node in self._draining
-            if reclaimed:
-                self._draining.discard(node)
-            else:
-                self._live -= node.concurrency
             log.warning("node %s lost: %s", node.name, reason)
             records = sorted(node.inflight.values(), key=lambda r: r.id)
             node.inflight.clear()
@@ -424,7 +372,7 @@ class Scheduler:
             self.restarting -= 1
             if new is not None and not self.closed:
                 self.nodes[self.nodes.index(old)] = new
-                self._add_tokens([new])
+                self._tokens.add([new])
             failed = self._fail_if_no_workers()
             self._changed.notify_all()
         self._fail_later(failed)

@@ -85,7 +85,8 @@ class _ThreadLimits:
     BLAS pools (OpenBLAS with pthreads, MKL, BLIS) belong to the whole process, and so
     do environment variables: the first batch to start sets both, the last one to end
     restores them (concurrent batches of one thread-executor node share the first's
-    values). OpenMP limits are per calling thread, so each batch sets its own.
+    values). OpenMP limits, and OpenBLAS's per-thread count, belong to the calling
+    thread, so each batch sets its own.
     """
 
     def __init__(self) -> None:
@@ -127,9 +128,13 @@ class _ThreadLimits:
         local = None
         if controller is not None and openmp is not None:
             local = controller.limit(limits=openmp, user_api="openmp")
+        blas = _first(env, _BLAS_VARS[0][1])
+        openblas = _openblas_local(controller, blas) if blas is not None else []
         try:
             yield
         finally:
+            for setter, previous in reversed(openblas):
+                setter(previous)
             if local is not None:
                 local.restore_original_limits()
             with self._lock:
@@ -150,6 +155,23 @@ class _ThreadLimits:
         self._holders = 0
         self._saved_env = {}
         self._process_limits = []
+
+
+def _openblas_local(controller: Any, count: int) -> list[tuple[Any, int]]:
+    """Set OpenBLAS's count for the calling thread; ``(setter, previous)`` to restore.
+
+    OpenBLAS 0.3.27 and later also keep a count per calling thread, which the
+    process-wide setting does not reach once a thread has its own: a task thread
+    other than the first then computed with the library's default.
+    """
+    if controller is None:
+        return []
+    done = []
+    for lib in controller.select(internal_api="openblas").lib_controllers:
+        setter = getattr(lib.dynlib, "openblas_set_num_threads_local", None)
+        if setter is not None:
+            done.append((setter, int(setter(count))))
+    return done
 
 
 thread_limits = _ThreadLimits()

@@ -375,8 +375,7 @@ class Compute(Executor):
         name = getattr(fn, "__qualname__", None) or type(fn).__name__
         count = self.task_counts.add(fn, args)
         future = scheduler.submit(payload, keys, name, None if scope is None else id(scope))
-        if isinstance(keys, wire.BlobKeys):
-            keys.watch(future)  # its blobs are let go when it is done, sent or not
+        keys.watch(future)  # its blobs are let go when it is done, sent or not
         future.add_done_callback(functools.partial(self.task_counts.finish, count))
         return future
 

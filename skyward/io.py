@@ -277,8 +277,8 @@ class LoopWriter(ABC):
     """Frames queued for one channel, written on the loop without joining their buffers.
 
     ``urgent`` frames (heartbeats) go before queued ones at the next frame boundary,
-    so they do not wait behind a large blob. Subclasses say how to wait for room
-    (:meth:`_arm`), what to do when idle (:meth:`_idle`) and write in :meth:`_flush`.
+    so they do not wait behind a large blob. Subclasses write and say how to wait for
+    room (:meth:`_arm`) and what to do when idle (:meth:`_idle`).
     """
 
     arm_on_caller = False

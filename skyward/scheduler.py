@@ -254,7 +254,7 @@ class Scheduler:
         if not self.speculate:
             return
         now = time.monotonic()
-        batches: dict[Node, list[TaskRecord]] = {}
+        started = False
         with self.lock:
             if self._queue or self.closed:
                 return
@@ -275,9 +275,10 @@ class Scheduler:
                 )
                 copy.group, copy.node, copy.attempts, copy.started = record.group, node, 1, now
                 copy.twin, record.twin = record, copy
-                copy.sent = True
                 node.inflight[copy.id] = copy
-                batches.setdefault(node, []).append(copy)
+                self._unsent.setdefault(node, []).append(copy)
+                self._unsent_count += 1
+                started = True
                 self.counts.speculated += 1
                 log.info(
                     "task %s has run %.1fs on %s (median %.2fs): started again on %s",
@@ -287,8 +288,8 @@ class Scheduler:
                     median,
                     node.name,
                 )
-        for node, records in batches.items():
-            node.send_tasks(records)
+        if started:
+            self._flush()
 
     def _retry(self, record: TaskRecord, why: str) -> bool:
         """Requeue ``record`` after a worker death, if it has attempts left (lock held)."""

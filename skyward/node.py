@@ -118,10 +118,9 @@ class Node:
                 except BlobUnavailableError as exc:
                     failed.append((record, exc))
                     continue
-                for key, generation, frame in frames:
-                    if self._sent_blobs.get(key) != generation:
-                        self._sent_blobs[key] = generation
-                        buffers.extend(self._counted(key, frame))
+                for key, generation, frame in frames:  # keys of one task are distinct
+                    self._sent_blobs[key] = generation
+                    buffers.extend(self._counted(key, frame))
                 sent.append(record)
             if sent:
                 buffers.append(
